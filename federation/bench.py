@@ -1,0 +1,175 @@
+"""``more-fl bench``: plaintext vs encrypted training steps, side by side in one process.
+
+Steps are interleaved (plain, encrypted, plain, ...) so machine noise hits both alike, and
+the median is reported. Memory is what a training step holds: parameters, gradients,
+optimiser state, the batch and every tensor autograd saves for the backward pass, counted
+exactly with ``torch.autograd.graph.saved_tensors_hooks``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from federation.more.cipher import FeatureRange, ValidLabel, encrypt
+from federation.more.keys import generate_key
+from federation.nn.convert import to_encrypted
+from federation.nn.train import EncryptedSGD, loss_gradient
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    model: str
+    batch: int
+    dtype: torch.dtype
+    plain_ms: float
+    encrypted_ms: float
+    plain_mib: float
+    encrypted_mib: float
+
+    @property
+    def ratio(self) -> float:
+        return self.encrypted_ms / self.plain_ms
+
+    @property
+    def memory_ratio(self) -> float:
+        return self.encrypted_mib / self.plain_mib
+
+
+def bench_models() -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]]:
+    """The MNIST-size MLP (784-128-10) and a small CNN, with their input shapes."""
+    return {
+        "mlp 784-128-10": (
+            lambda: nn.Sequential(
+                nn.Flatten(), nn.Linear(784, 128), nn.Sigmoid(), nn.Linear(128, 10)
+            ),
+            (1, 28, 28),
+        ),
+        "cnn 1x28x28": (
+            lambda: nn.Sequential(
+                nn.Conv2d(1, 6, 5, stride=2),
+                nn.Tanh(),
+                nn.AvgPool2d(2),
+                nn.Flatten(),
+                nn.Linear(6 * 6 * 6, 10),
+            ),
+            (1, 28, 28),
+        ),
+    }
+
+
+def _bytes(tensors: list[torch.Tensor]) -> int:
+    seen: dict[int, int] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def _held_bytes(step: Callable[[], list[torch.Tensor]]) -> int:
+    """Bytes held during one step: saved activations plus the persistent tensors it lists."""
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        persistent = step()
+    return _bytes(saved + persistent)
+
+
+def bench_one(
+    name: str,
+    build: Callable[[], nn.Module],
+    input_shape: tuple[int, ...],
+    *,
+    batch: int,
+    dtype: torch.dtype,
+    steps: int,
+    seed: int = 0,
+) -> BenchRow:
+    torch.manual_seed(seed)
+    model = build().to(dtype)
+    twin = to_encrypted(model, None, dtype=dtype)
+    key = generate_key(seed)
+    x = torch.rand(batch, *input_shape, dtype=dtype)
+    y = torch.randint(10, (batch,))
+    ex = encrypt(x, key, FeatureRange(0.0, 1.0), seed=seed)
+    ey = encrypt(F.one_hot(y, 10).to(dtype), key, ValidLabel(10), seed=seed + 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    eopt = EncryptedSGD(twin, lr=0.01, momentum=0.9)
+
+    def plain_step() -> list[torch.Tensor]:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        state = [b for s in opt.state.values() for b in s.values() if isinstance(b, torch.Tensor)]
+        return [x, *model.parameters(), *(p.grad for p in model.parameters()), *state]
+
+    def encrypted_step() -> list[torch.Tensor]:
+        out = twin(ex)
+        with torch.no_grad():
+            grad = loss_gradient("cross_entropy", out.detach(), ey)
+        eopt.zero_grad()
+        out.backward(grad)
+        eopt.step()
+        params = list(twin.parameters())
+        bufs = [b.entries for b in eopt.momentum_buffers()]
+        return [ex.entries, *params, *(p.grad for p in params), *bufs]
+
+    for _ in range(2):
+        plain_step()
+        encrypted_step()
+    plain_bytes, enc_bytes = _held_bytes(plain_step), _held_bytes(encrypted_step)
+    plain_t, enc_t = [], []
+    for _ in range(steps):
+        for fn, times in ((plain_step, plain_t), (encrypted_step, enc_t)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return BenchRow(
+        name,
+        batch,
+        dtype,
+        1e3 * statistics.median(plain_t),
+        1e3 * statistics.median(enc_t),
+        plain_bytes / 2**20,
+        enc_bytes / 2**20,
+    )
+
+
+def run(
+    *, quick: bool = False, steps: int | None = None, print_fn: Callable[[str], None] = print
+) -> list[BenchRow]:
+    """Benchmark each model (and dtype, unless quick); print a table and the worst ratio."""
+    dtypes = (torch.float32,) if quick else (torch.float32, torch.float64)
+    steps = steps or (15 if quick else 40)
+    rows = [
+        bench_one(name, build, shape, batch=64, dtype=dtype, steps=steps)
+        for name, (build, shape) in bench_models().items()
+        for dtype in dtypes
+    ]
+    print_fn(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 64, "
+        f"median of {steps} steps"
+    )
+    print_fn(
+        "| model | dtype | plaintext step (ms) | encrypted step (ms) | ratio "
+        "| plaintext memory (MiB) | encrypted memory (MiB) | memory ratio |"
+    )
+    print_fn("|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print_fn(
+            f"| {r.model} | {str(r.dtype).removeprefix('torch.')} | {r.plain_ms:.2f} | "
+            f"{r.encrypted_ms:.2f} | {r.ratio:.2f} | {r.plain_mib:.2f} | {r.encrypted_mib:.2f} | "
+            f"{r.memory_ratio:.2f} |"
+        )
+    print_fn(f"worst encrypted/plaintext step ratio: {max(r.ratio for r in rows):.2f}")
+    return rows

@@ -1,0 +1,204 @@
+"""MORE secret keys: generation, a documented key file, loading with checks, fingerprints.
+
+A key is a real invertible 2x2 matrix ``S``. Encryption maps ``x`` to ``S diag(x, r) S^-1``,
+so decryption error grows like ``cond(S)^2``: keys are drawn with a bounded condition number
+and loading refuses ill-conditioned ones.
+
+Key file format (JSON, UTF-8, written atomically with mode 0600)::
+
+    {
+      "format": "more-fl-key",
+      "version": 1,
+      "matrix": [["<float.hex>", "<float.hex>"], ["<float.hex>", "<float.hex>"]],
+      "fingerprint": "<fingerprint of the matrix, checked on load>"
+    }
+
+Entries are stored with ``float.hex`` so a key round-trips bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+KEY_FORMAT = "more-fl-key"
+KEY_VERSION = 1
+DEFAULT_MAX_COND = 10.0
+_FINGERPRINT_DOMAIN = b"more-fl/key-fingerprint/v1\x00"
+
+
+class KeyFileError(ValueError):
+    """A key file is missing, malformed, or holds an unusable key."""
+
+
+class MoreKey:
+    """A MORE secret key. Its repr shows only the fingerprint, never the matrix."""
+
+    __slots__ = ("_matrix", "_inverse", "_fingerprint")
+
+    def __init__(self, matrix: np.ndarray, *, max_cond: float = DEFAULT_MAX_COND) -> None:
+        m = np.array(matrix, dtype=np.float64)
+        if m.shape != (2, 2):
+            raise ValueError(f"a MORE key is a 2x2 matrix, got shape {m.shape}")
+        if not np.all(np.isfinite(m)):
+            raise ValueError("a MORE key must have finite entries")
+        det = float(np.linalg.det(m))
+        if abs(det) <= 1e-12 * max(float(np.abs(m).max()), 1e-300) ** 2:
+            raise ValueError("a MORE key must be invertible; this matrix is singular")
+        cond = float(np.linalg.cond(m))
+        if not cond <= max_cond:
+            raise ValueError(
+                f"key condition number {cond:.3g} exceeds the limit {max_cond:g}; decryption "
+                "error grows like cond^2, so generate a new key with `more-fl keygen`"
+            )
+        m.setflags(write=False)
+        inv = np.linalg.inv(m)
+        inv.setflags(write=False)
+        self._matrix = m
+        self._inverse = inv
+        self._fingerprint = _fingerprint(m)
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """The secret matrix ``S`` (read-only)."""
+        return self._matrix
+
+    @property
+    def inverse(self) -> np.ndarray:
+        """``S^-1`` (read-only)."""
+        return self._inverse
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the key (equal for equivalent keys) and reveals nothing about it."""
+        return self._fingerprint
+
+    @property
+    def condition_number(self) -> float:
+        return float(np.linalg.cond(self._matrix))
+
+    def __repr__(self) -> str:
+        return f"MoreKey(fingerprint={self._fingerprint!r})"
+
+    def __reduce__(self) -> tuple[object, ...]:
+        raise TypeError("MORE keys are not pickled: a key never leaves its site")
+
+
+def _canonical(matrix: np.ndarray) -> np.ndarray:
+    """Column-normalised form: ``S D`` encrypts exactly like ``S`` for any diagonal ``D``."""
+    cols = matrix / np.linalg.norm(matrix, axis=0, keepdims=True)
+    for j in range(2):
+        if cols[np.argmax(np.abs(cols[:, j])), j] < 0:
+            cols[:, j] = -cols[:, j]
+    return np.round(cols, 10) + 0.0  # + 0.0 turns -0.0 into 0.0
+
+
+def _fingerprint(matrix: np.ndarray) -> str:
+    digest = hashlib.sha256(_FINGERPRINT_DOMAIN + _canonical(matrix).tobytes()).hexdigest()
+    return "-".join(digest[i : i + 4] for i in range(0, 16, 4))
+
+
+def generate_key(seed: int | None = None, *, max_cond: float = DEFAULT_MAX_COND) -> MoreKey:
+    """Draw a key ``S = R(a) diag(1, 1/c) R(b)`` with condition number ``c`` in [1.5, max_cond/2].
+
+    ``seed=None`` uses OS randomness (``secrets``); a seed gives reproducible test keys only.
+    """
+    if max_cond < 3.0:
+        raise ValueError(f"max_cond must be at least 3, got {max_cond}")
+    rng = np.random.default_rng(secrets.randbits(128) if seed is None else seed)
+    a, b = rng.uniform(0.0, 2.0 * np.pi, size=2)
+    cond = float(np.exp(rng.uniform(np.log(1.5), np.log(max_cond / 2.0))))
+    scale = float(np.exp(rng.uniform(np.log(0.5), np.log(2.0))))
+    sign = rng.choice([-1.0, 1.0])
+
+    def rot(t: float) -> np.ndarray:
+        return np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+
+    matrix = scale * rot(a) @ np.diag([1.0, sign / cond]) @ rot(b)
+    return MoreKey(matrix, max_cond=max_cond)
+
+
+def save_key(key: MoreKey, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Write the key file atomically with mode 0600; refuses to overwrite unless asked."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; refusing to overwrite a key (pass overwrite=True)")
+    payload = {
+        "format": KEY_FORMAT,
+        "version": KEY_VERSION,
+        "matrix": [[float(v).hex() for v in row] for row in key.matrix],
+        "fingerprint": key.fingerprint,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(payload, fh, indent=2)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_key(path: str | os.PathLike[str], *, max_cond: float = DEFAULT_MAX_COND) -> MoreKey:
+    """Read and check a key file; every failure is a :class:`KeyFileError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise KeyFileError(
+            f"key file {path} not found; create one with `more-fl keygen --out {path}`"
+        )
+    if os.name == "posix" and path.stat().st_mode & 0o077:
+        warnings.warn(
+            f"key file {path} is readable by other users; run `chmod 600 {path}`",
+            stacklevel=2,
+        )
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise KeyFileError(f"key file {path} is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict) or payload.get("format") != KEY_FORMAT:
+        raise KeyFileError(f"key file {path}: 'format' must be {KEY_FORMAT!r}")
+    if payload.get("version") != KEY_VERSION:
+        raise KeyFileError(
+            f"key file {path}: unsupported version {payload.get('version')!r} "
+            f"(this more-fl reads version {KEY_VERSION})"
+        )
+    rows = payload.get("matrix")
+    try:
+        if not (isinstance(rows, list) and len(rows) == 2):
+            raise ValueError("not two rows")
+        matrix = np.array([[_parse_entry(v) for v in row] for row in rows if isinstance(row, list)])
+        if matrix.shape != (2, 2):
+            raise ValueError(f"shape {matrix.shape}")
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise KeyFileError(
+            f"key file {path}: 'matrix' must be 2 rows of 2 hex floats ({exc})"
+        ) from None
+    try:
+        key = MoreKey(matrix, max_cond=max_cond)
+    except ValueError as exc:
+        raise KeyFileError(f"key file {path}: {exc}") from None
+    if payload.get("fingerprint") != key.fingerprint:
+        raise KeyFileError(
+            f"key file {path}: stored fingerprint {payload.get('fingerprint')!r} does not match "
+            f"the matrix ({key.fingerprint}); the file is corrupt or was edited"
+        )
+    return key
+
+
+def _parse_entry(value: object) -> float:
+    if isinstance(value, str):
+        return float.fromhex(value)
+    raise TypeError(f"entry {value!r} is not a hex string")

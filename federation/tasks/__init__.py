@@ -1,0 +1,1 @@
+"""The healthcare tasks (MNIST, WBC hemodynamics, angiography views): plain torch/numpy."""

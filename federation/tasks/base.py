@@ -1,0 +1,123 @@
+"""What every task hands to the engine: plain tensors, declared ranges and its metrics.
+
+Task modules (MNIST, WBC, angiography) stay plain torch/numpy: they never see a key or a
+ciphertext. The declared ranges feed the shadow-value policies of the design note (features:
+uniform over the feature range; categorical targets: a valid label; regression targets:
+uniform over the normalised target range).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import numpy as np
+import torch
+
+TaskKind = Literal["classification", "regression"]
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """Train and test tensors of one task (centralised, or one site's share).
+
+    ``y`` holds int64 class indices for classification and normalised float targets
+    ``[N, q]`` for regression; ``target_mean``/``target_std`` undo the normalisation so
+    metrics are reported in physical units.
+    """
+
+    name: str
+    kind: TaskKind
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    feature_range: tuple[float, float]
+    num_classes: int | None = None
+    class_names: tuple[str, ...] = ()
+    output_names: tuple[str, ...] = ()
+    output_units: tuple[str, ...] = ()
+    target_mean: np.ndarray | None = None
+    target_std: np.ndarray | None = None
+    target_range: tuple[float, float] | None = None
+    info: dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.x_train) != len(self.y_train) or len(self.x_test) != len(self.y_test):
+            raise ValueError(f"task {self.name!r}: features and targets differ in length")
+        if self.kind == "classification" and not self.num_classes:
+            raise ValueError(f"task {self.name!r}: a classification task needs num_classes")
+        if self.kind == "regression" and (self.target_mean is None or self.target_std is None):
+            raise ValueError(f"task {self.name!r}: a regression task needs target_mean/target_std")
+
+    def subset(self, train_idx: np.ndarray, test_idx: np.ndarray) -> TaskData:
+        """This task restricted to the given train and test rows (one site's share)."""
+        tr = torch.as_tensor(np.asarray(train_idx, dtype=np.int64))
+        te = torch.as_tensor(np.asarray(test_idx, dtype=np.int64))
+        return replace(
+            self,
+            x_train=self.x_train[tr],
+            y_train=self.y_train[tr],
+            x_test=self.x_test[te],
+            y_test=self.y_test[te],
+        )
+
+    def metrics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        """Metrics of decrypted outputs: accuracy, or MAE (physical units) and R2."""
+        outputs = outputs.detach().double()
+        if self.kind == "classification":
+            pred = outputs.argmax(dim=-1)
+            return {"accuracy": float((pred == targets).double().mean())}
+        assert self.target_mean is not None and self.target_std is not None
+        mean = torch.as_tensor(self.target_mean, dtype=torch.float64)
+        std = torch.as_tensor(self.target_std, dtype=torch.float64)
+        pred = outputs * std + mean
+        true = targets.double() * std + mean
+        result: dict[str, float] = {}
+        names = self.output_names or tuple(f"y{i}" for i in range(pred.shape[1]))
+        ss_res = ((pred - true) ** 2).sum(dim=0)
+        ss_tot = ((true - true.mean(dim=0)) ** 2).sum(dim=0).clamp_min(1e-300)
+        r2 = 1.0 - ss_res / ss_tot
+        mae = (pred - true).abs().mean(dim=0)
+        for i, name in enumerate(names):
+            result[f"mae_{name}"] = float(mae[i])
+            result[f"r2_{name}"] = float(r2[i])
+        result["r2_min"] = float(r2.min())
+        result["r2_mean"] = float(r2.mean())
+        return result
+
+
+def iid_partition(n: int, num_sites: int, seed: int) -> list[np.ndarray]:
+    """Split ``range(n)`` into ``num_sites`` disjoint, nearly equal, shuffled shares."""
+    if num_sites < 1 or num_sites > n:
+        raise ValueError(f"cannot split {n} examples across {num_sites} sites")
+    perm = np.random.default_rng(seed).permutation(n)
+    return [np.sort(part) for part in np.array_split(perm, num_sites)]
+
+
+def dirichlet_partition(
+    labels: np.ndarray, num_sites: int, alpha: float, seed: int, min_per_site: int = 1
+) -> list[np.ndarray]:
+    """Label-skewed shares: each class is spread across sites with Dirichlet(alpha) weights.
+
+    Smaller ``alpha`` gives stronger skew. Resamples (deterministically) until every site
+    holds at least ``min_per_site`` examples.
+    """
+    labels = np.asarray(labels)
+    if alpha <= 0:
+        raise ValueError(f"dirichlet alpha must be positive, got {alpha}")
+    if num_sites < 1 or num_sites * min_per_site > len(labels):
+        raise ValueError(f"cannot split {len(labels)} examples across {num_sites} sites")
+    rng = np.random.default_rng(seed)
+    for _ in range(1000):
+        shares: list[list[np.ndarray]] = [[] for _ in range(num_sites)]
+        for cls in np.unique(labels):
+            idx = rng.permutation(np.flatnonzero(labels == cls))
+            weights = rng.dirichlet(np.full(num_sites, alpha))
+            cuts = (np.cumsum(weights)[:-1] * len(idx)).astype(int)
+            for site, part in enumerate(np.split(idx, cuts)):
+                shares[site].append(part)
+        parts = [np.sort(np.concatenate(s)) for s in shares]
+        if min(len(p) for p in parts) >= min_per_site:
+            return parts
+    raise ValueError(f"no Dirichlet(alpha={alpha}) split gives every site {min_per_site} examples")

@@ -1,0 +1,31 @@
+"""Shared fixtures: deterministic keys and the real MNIST test split beside the checkout."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from federation.more.keys import MoreKey, generate_key
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+
+
+@pytest.fixture(scope="session")
+def key() -> MoreKey:
+    return generate_key(2024)
+
+
+@pytest.fixture(scope="session")
+def other_key() -> MoreKey:
+    return generate_key(7)
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    if not (SHARED_MNIST / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"the shared MNIST test split is not at {SHARED_MNIST}")
+    return SHARED_MNIST
