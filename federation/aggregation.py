@@ -1,0 +1,159 @@
+"""The aggregator's library side: the initial model, reply validation, FedAvg, checkpoints.
+
+Nothing here takes a key. The weighted average of ciphertexts is a ciphertext of the
+weighted average (both channels are averaged), so FedAvg on MORE updates is exact.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from federation.config import ExperimentConfig
+from federation.experiment import initial_model, train_centralised
+from federation.nn.convert import encode_state_dict
+
+
+class InvalidUpdate(ValueError):
+    """A site's reply cannot be aggregated (the reason says why)."""
+
+
+def initial_arrays(config: ExperimentConfig) -> dict[str, np.ndarray]:
+    """The seeded initial model: key-free encodings ``w * I`` (or plain weights)."""
+    state = initial_model(config).state_dict()
+    if config.federation.encrypted:
+        state = encode_state_dict(state)
+    return {k: v.detach().numpy().copy() for k, v in state.items()}
+
+
+def expected_shapes(config: ExperimentConfig) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in initial_arrays(config).items()}
+
+
+def validate_update(
+    arrays: Mapping[str, np.ndarray],
+    num_examples: int,
+    fingerprint: str | None,
+    *,
+    expected: Mapping[str, tuple[int, ...]],
+    federation_fingerprint: str | None,
+    encrypted: bool,
+) -> None:
+    """Refuse anything that is not a finite update of the expected arrays under the key."""
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
+        raise InvalidUpdate(f"num_examples must be a positive integer, got {num_examples!r}")
+    missing, extra = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
+    if missing or extra:
+        raise InvalidUpdate(f"arrays differ from the model: missing {missing}, unexpected {extra}")
+    for name, shape in expected.items():
+        a = arrays[name]
+        if tuple(a.shape) != tuple(shape):
+            raise InvalidUpdate(f"'{name}' has shape {tuple(a.shape)}, expected {tuple(shape)}")
+        if not np.issubdtype(a.dtype, np.floating):
+            raise InvalidUpdate(f"'{name}' has dtype {a.dtype}, expected floating point")
+        if not np.isfinite(a).all():
+            raise InvalidUpdate(f"'{name}' holds non-finite values")
+    if encrypted:
+        if not fingerprint:
+            raise InvalidUpdate("the reply carries no key fingerprint")
+        if federation_fingerprint is not None and fingerprint != federation_fingerprint:
+            raise InvalidUpdate(
+                f"key fingerprint {fingerprint} differs from the federation's "
+                f"{federation_fingerprint}: updates under different keys average to garbage"
+            )
+    elif fingerprint:
+        raise InvalidUpdate("a plaintext federation received an encrypted update")
+
+
+def fedavg(updates: list[tuple[Mapping[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
+    """``sum_k n_k w_k / sum_k n_k`` per array, accumulated in float64."""
+    if not updates:
+        raise ValueError("FedAvg needs at least one update")
+    total = float(sum(n for _, n in updates))
+    first = updates[0][0]
+    out = {}
+    for name, ref in first.items():
+        acc = np.zeros(ref.shape, dtype=np.float64)
+        for arrays, n in updates:
+            acc += (n / total) * np.asarray(arrays[name], dtype=np.float64)
+        out[name] = acc.astype(ref.dtype)
+    return out
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    server_round: int
+    arrays: dict[str, np.ndarray]
+    fingerprint: str | None
+    history: list[dict]
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunStore:
+    """A run directory: ``checkpoint.npz`` (global model + state) and ``history.json``.
+
+    Each round is written atomically, so a crash leaves the last completed round intact
+    and a restarted aggregator resumes after it.
+    """
+
+    CHECKPOINT = "checkpoint.npz"
+    HISTORY = "history.json"
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+
+    def save_round(
+        self,
+        server_round: int,
+        arrays: Mapping[str, np.ndarray],
+        fingerprint: str | None,
+        history: list[dict],
+    ) -> None:
+        meta = {"server_round": server_round, "fingerprint": fingerprint, "history": history}
+        buf = io.BytesIO()
+        np.savez(
+            buf, __meta__=np.array(json.dumps(meta)), **{f"a/{k}": v for k, v in arrays.items()}
+        )
+        _atomic_write(self.directory / self.CHECKPOINT, buf.getvalue())
+        _atomic_write(self.directory / self.HISTORY, json.dumps(history, indent=2).encode())
+
+    def load_latest(self) -> Checkpoint | None:
+        path = self.directory / self.CHECKPOINT
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                meta = json.loads(str(npz["__meta__"]))
+                arrays = {k[2:]: npz[k] for k in npz.files if k.startswith("a/")}
+        except (OSError, ValueError, KeyError) as exc:
+            raise ValueError(
+                f"{path}: unreadable checkpoint ({exc}); move it away to restart"
+            ) from None
+        return Checkpoint(
+            int(meta["server_round"]), arrays, meta["fingerprint"], list(meta["history"])
+        )
+
+
+def centralised_history(config: ExperimentConfig) -> list[dict[str, float]]:
+    """Per-epoch test metrics of centralised plaintext training (the report's reference)."""
+    return train_centralised(config, encrypted=False).history

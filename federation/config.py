@@ -1,0 +1,464 @@
+"""The one schema: YAML in, a validated, frozen config out.
+
+Only entry points (the CLI, the Flower apps) call :func:`load_experiment` /
+:func:`load_deployment`; everything below them receives typed values. Every error names the
+file, the dotted key and what was expected. Unknown keys are errors (a typo must not be
+silently ignored).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+
+TASKS = ("mnist", "wbc", "angio")
+PARTITIONS = ("iid", "non-iid")
+DTYPES = ("float32", "float64")
+TARGET_SHADOWS = ("auto", "valid-label", "range", "uniform")
+
+
+class ConfigError(ValueError):
+    """A config file is unreadable or holds a bad key or value."""
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return MappingProxyType({k: _freeze(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def thaw(value: Any) -> Any:
+    """A plain, mutable copy of a frozen option mapping (for keyword arguments)."""
+    if isinstance(value, Mapping):
+        return {k: thaw(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [thaw(v) for v in value]
+    return value
+
+
+class _Reader:
+    """Reads one mapping of a YAML file, naming file and dotted key in every error."""
+
+    def __init__(self, source: str, prefix: str, data: Any) -> None:
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: '{prefix or '<top>'}' must be a mapping, got {data!r}")
+        self.source, self.prefix, self.data = source, prefix, dict(data)
+        self.used: set[str] = set()
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def fail(self, name: str, expected: str, value: Any) -> ConfigError:
+        return ConfigError(f"{self.source}: '{self._key(name)}' must be {expected}, got {value!r}")
+
+    def get(self, name: str, default: Any = ..., *, required: bool = False) -> Any:
+        self.used.add(name)
+        if name not in self.data:
+            if required or default is ...:
+                raise ConfigError(f"{self.source}: '{self._key(name)}' is required")
+            return default
+        return self.data[name]
+
+    def integer(self, name: str, default: Any = ..., *, minimum: int = 0) -> int:
+        v = self.get(name, default)
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            raise self.fail(name, f"an integer >= {minimum}", v)
+        return v
+
+    def number(
+        self, name: str, default: Any = ..., *, minimum: float = 0.0, strict: bool = False
+    ) -> float:
+        v = self.get(name, default)
+        if isinstance(v, str):
+            try:
+                v = float(v)
+            except ValueError:
+                raise self.fail(name, "a number", v) from None
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if not ok or not (v > minimum if strict else v >= minimum):
+            raise self.fail(name, f"a number {'>' if strict else '>='} {minimum}", v)
+        return float(v)
+
+    def choice(self, name: str, options: tuple[str, ...], default: Any = ...) -> str:
+        v = self.get(name, default)
+        if v not in options:
+            raise self.fail(name, f"one of {', '.join(options)}", v)
+        return str(v)
+
+    def boolean(self, name: str, default: Any = ...) -> bool:
+        v = self.get(name, default)
+        if not isinstance(v, bool):
+            raise self.fail(name, "true or false", v)
+        return v
+
+    def string(self, name: str, default: Any = ...) -> str | None:
+        v = self.get(name, default)
+        if v is not None and (not isinstance(v, str) or not v):
+            raise self.fail(name, "a non-empty string", v)
+        return v
+
+    def path(self, name: str, base: Path, default: Any = None) -> Path | None:
+        v = self.string(name, default)
+        if v is None:
+            return None
+        p = Path(os.path.expanduser(v))
+        return p if p.is_absolute() else (base / p)
+
+    def mapping(self, name: str) -> Mapping[str, Any]:
+        v = self.get(name, {})
+        if v is None:
+            return MappingProxyType({})
+        if not isinstance(v, Mapping) or not all(isinstance(k, str) for k in v):
+            raise self.fail(name, "a mapping of option names to values", v)
+        return _freeze(v)
+
+    def child(self, name: str) -> _Reader:
+        self.used.add(name)
+        return _Reader(self.source, self._key(name), self.data.get(name))
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ConfigError(
+                f"{self.source}: unknown key '{self._key(unknown[0])}' "
+                f"(expected one of: {', '.join(sorted(self.used))})"
+            )
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """Which task, with keyword options for its ``load_task_data``."""
+
+    name: str
+    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    data_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str
+    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True)
+class SitesConfig:
+    """Simulated hospitals: how many, and how the task data is split among them."""
+
+    count: int = 3
+    partition: str = "iid"
+    alpha: float = 0.5
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    rounds: int = 3
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    dtype: str = "float64"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """``min_sites``: replies needed to aggregate a round; ``encrypted: false`` runs the
+    plaintext FedAvg baseline with the same seeds."""
+
+    min_sites: int = 2
+    encrypted: bool = True
+
+
+@dataclass(frozen=True)
+class EncryptionConfig:
+    """Shadow policy for targets, the key, and the shadow-health limit.
+
+    ``target_shadow: auto`` means valid labels for classification and the target range for
+    regression (the design's rule); ``uniform`` exists to demonstrate why not. Without a
+    ``key_file`` a simulation derives one shared key from ``key_seed`` (never for real data).
+    """
+
+    target_shadow: str = "auto"
+    key_file: Path | None = None
+    key_seed: int = 1234
+    health_limit: float = 1e4
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str
+    task: TaskConfig
+    model: ModelConfig
+    sites: SitesConfig
+    training: TrainingConfig
+    federation: FederationConfig
+    encryption: EncryptionConfig
+    output_dir: Path
+    source: str = "<dict>"
+
+
+def experiment_from_dict(
+    data: Any, *, source: str = "<dict>", base: Path | None = None
+) -> ExperimentConfig:
+    """Validate a parsed experiment mapping; ``base`` resolves relative paths."""
+    base = base or Path.cwd()
+    top = _Reader(source, "", data)
+    name = top.string("name")
+
+    t = top.child("task")
+    task = TaskConfig(
+        name=t.choice("name", TASKS, ...),
+        options=t.mapping("options"),
+        data_dir=t.path("data_dir", base),
+    )
+    t.done()
+
+    m = top.child("model")
+    arch = m.string("arch", "cnn" if task.name == "angio" else "mlp")
+    model = ModelConfig(arch=str(arch), options=m.mapping("options"))
+    m.done()
+
+    s = top.child("sites")
+    sites = SitesConfig(
+        count=s.integer("count", 3, minimum=1),
+        partition=s.choice("partition", PARTITIONS, "iid"),
+        alpha=s.number("alpha", 0.5, strict=True),
+    )
+    s.done()
+
+    tr = top.child("training")
+    training = TrainingConfig(
+        rounds=tr.integer("rounds", 3, minimum=1),
+        local_epochs=tr.integer("local_epochs", 1, minimum=1),
+        batch_size=tr.integer("batch_size", 32, minimum=1),
+        lr=tr.number("lr", 0.05, strict=True),
+        momentum=tr.number("momentum", 0.9),
+        weight_decay=tr.number("weight_decay", 0.0),
+        dtype=tr.choice("dtype", DTYPES, "float64"),
+        seed=tr.integer("seed", 0),
+    )
+    tr.done()
+
+    fe = top.child("federation")
+    federation = FederationConfig(
+        min_sites=fe.integer("min_sites", min(2, sites.count), minimum=1),
+        encrypted=fe.boolean("encrypted", True),
+    )
+    fe.done()
+    if federation.min_sites > sites.count:
+        raise ConfigError(
+            f"{source}: 'federation.min_sites' must be <= 'sites.count' ({sites.count}), "
+            f"got {federation.min_sites}"
+        )
+
+    en = top.child("encryption")
+    encryption = EncryptionConfig(
+        target_shadow=en.choice("target_shadow", TARGET_SHADOWS, "auto"),
+        key_file=en.path("key_file", base),
+        key_seed=en.integer("key_seed", 1234),
+        health_limit=en.number("health_limit", 1e4, strict=True),
+    )
+    en.done()
+
+    output_dir = top.path("output_dir", base, f"runs/{name}")
+    assert output_dir is not None
+    top.done()
+    return ExperimentConfig(
+        name=name,
+        task=task,
+        model=model,
+        sites=sites,
+        training=training,
+        federation=federation,
+        encryption=encryption,
+        output_dir=output_dir,
+        source=source,
+    )
+
+
+def _read_yaml(path: str | os.PathLike[str]) -> tuple[Any, Path]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8")), p
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+
+
+def load_experiment(
+    path: str | os.PathLike[str], base: Path | None = None
+) -> ExperimentConfig:
+    """Load an experiment YAML; relative paths in it resolve against ``base``, by default
+    the file's own directory (so a config works from any working directory)."""
+    data, p = _read_yaml(path)
+    return experiment_from_dict(data, source=str(p), base=base or p.resolve().parent)
+
+
+# --- Deployments: one SuperLink and one SuperNode per site (``more-fl deploy``) -------------
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS between SuperNodes, the ``flwr`` CLI and the SuperLink.
+
+    ``generate`` writes a private CA and a server certificate for the SuperLink host into
+    ``cert_dir`` when they are missing; otherwise ``cert_dir`` must hold ``ca.crt``,
+    ``server.pem`` and ``server.key``.
+    """
+
+    enabled: bool = True
+    generate: bool = True
+    cert_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class DeploySite:
+    """One hospital's SuperNode: which experiment site it is and its own data and key.
+
+    ``port`` is the SuperNode's local ClientApp API; sites sharing a host need distinct ones.
+    """
+
+    name: str
+    site_id: int
+    port: int
+    data_dir: Path | None = None
+    key_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class DeploymentConfig:
+    """A federation on real Flower processes. ``work_dir`` holds logs, certificates,
+    SuperNode authentication keys and one Flower home per process."""
+
+    experiment: Path
+    host: str
+    port: int
+    tls: TlsConfig
+    node_auth: bool
+    auth_dir: Path
+    sites: tuple[DeploySite, ...]
+    work_dir: Path
+    output_dir: Path | None = None
+    baseline: bool = False
+    round_timeout: float = 600.0
+    timeout: float = 3600.0
+    source: str = "<dict>"
+
+    def site(self, name: str) -> DeploySite:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        names = ", ".join(s.name for s in self.sites)
+        raise ConfigError(f"{self.source}: no site named {name!r} (sites: {names})")
+
+
+def _port(r: _Reader, name: str, default: Any = ...) -> int:
+    v = r.integer(name, default, minimum=1)
+    if v > 65535:
+        raise r.fail(name, "a port number (1..65535)", v)
+    return v
+
+
+def deployment_from_dict(data: Any, *, source: str = "<dict>", base: Path) -> DeploymentConfig:
+    """Validate a parsed deployment mapping; relative paths resolve against ``base``."""
+    top = _Reader(source, "", data)
+    experiment = top.path("experiment", base, ...)
+    work_dir = top.path("work_dir", base, "runs/deploy")
+    assert experiment is not None and work_dir is not None
+
+    sl = top.child("superlink")
+    host = sl.string("host", "127.0.0.1")
+    port = _port(sl, "port", 9092)
+    sl.done()
+
+    t = top.child("tls")
+    tls = TlsConfig(
+        enabled=t.boolean("enabled", True),
+        generate=t.boolean("generate", True),
+        cert_dir=t.path("cert_dir", base) or work_dir / "certs",
+    )
+    t.done()
+
+    a = top.child("node_auth")
+    node_auth = a.boolean("enabled", False)
+    auth_dir = a.path("key_dir", base) or work_dir / "node-keys"
+    a.done()
+    if node_auth and not tls.enabled:
+        raise ConfigError(f"{source}: 'node_auth.enabled' needs 'tls.enabled: true'")
+
+    raw_sites = top.get("sites", required=True)
+    if not isinstance(raw_sites, list) or not raw_sites:
+        raise top.fail("sites", "a non-empty list of sites", raw_sites)
+    sites = []
+    for i, item in enumerate(raw_sites):
+        s = _Reader(source, f"sites[{i}]", item)
+        sites.append(
+            DeploySite(
+                name=str(s.string("name", f"site-{i}")),
+                site_id=s.integer("id", i),
+                port=_port(s, "port", port + 1 + i),
+                data_dir=s.path("data_dir", base),
+                key_file=s.path("key_file", base),
+            )
+        )
+        s.done()
+    for attr in ("name", "site_id", "port"):
+        values = [getattr(s, attr) for s in sites]
+        if len(set(values)) != len(values):
+            raise ConfigError(f"{source}: 'sites' must not repeat a {attr}, got {values}")
+    if port in {s.port for s in sites}:
+        raise ConfigError(f"{source}: a site port equals 'superlink.port' ({port})")
+
+    r = top.child("run")
+    output_dir = r.path("output_dir", base)
+    baseline = r.boolean("baseline", False)
+    round_timeout = r.number("round_timeout", 600.0, strict=True)
+    timeout = r.number("timeout", 3600.0, strict=True)
+    r.done()
+    top.done()
+    return DeploymentConfig(
+        experiment=experiment,
+        host=str(host),
+        port=port,
+        tls=tls,
+        node_auth=node_auth,
+        auth_dir=auth_dir,
+        sites=tuple(sites),
+        work_dir=work_dir,
+        output_dir=output_dir,
+        baseline=baseline,
+        round_timeout=round_timeout,
+        timeout=timeout,
+        source=source,
+    )
+
+
+def load_deployment(path: str | os.PathLike[str]) -> DeploymentConfig:
+    """Load a deployment YAML; relative paths in it resolve against the file's directory."""
+    data, p = _read_yaml(path)
+    return deployment_from_dict(data, source=str(p), base=p.resolve().parent)
+
+
+def find_experiment(reference: str, search: list[Path]) -> Path:
+    """The experiment file a Flower run names: an absolute path, else the first directory
+    of ``search`` that holds it (the project checkout before the copy Flower installed)."""
+    p = Path(os.path.expanduser(reference))
+    candidates = [p] if p.is_absolute() else [d / p for d in search]
+    for c in candidates:
+        if c.is_file():
+            return c.resolve()
+    raise ConfigError(
+        f"experiment {reference!r} not found (looked at {', '.join(map(str, candidates))})"
+    )

@@ -1,0 +1,268 @@
+"""From a validated experiment config to data, models and training runs (no Flower here).
+
+Shared by the CLI (``more-fl train``), the site agent and the aggregator, so every entry
+point builds the same seeded model and the same data split.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from federation.config import ExperimentConfig, thaw
+from federation.more.cipher import (
+    FeatureRange,
+    RegressionRange,
+    ShadowPolicy,
+    ValidLabel,
+    decrypt,
+    encrypt,
+)
+from federation.more.health import check_tensors
+from federation.more.keys import MoreKey, generate_key, load_key
+from federation.more.tensor import EncryptedTensor
+from federation.nn.convert import encrypted_parameters, to_encrypted, to_plain
+from federation.nn.train import (
+    EncryptedSGD,
+    predict_encrypted,
+    train_encrypted,
+    train_plain,
+)
+from federation.tasks import get_task
+from federation.tasks.base import TaskData
+
+
+def dtype_of(config: ExperimentConfig) -> torch.dtype:
+    return torch.float64 if config.training.dtype == "float64" else torch.float32
+
+
+def loss_of(data: TaskData) -> str:
+    return "cross_entropy" if data.kind == "classification" else "mse"
+
+
+@functools.lru_cache(maxsize=4)
+def _load(
+    name: str, options: tuple[tuple[str, object], ...], data_dir: str | None, seed: int
+) -> TaskData:
+    kwargs = dict(options)
+    if data_dir is not None:
+        kwargs["data_dir"] = data_dir
+    return get_task(name).load_task_data(seed=seed, **kwargs)
+
+
+def load_data(config: ExperimentConfig) -> TaskData:
+    """The whole task data (cached per process: simulated sites share one copy)."""
+    options = tuple(sorted((k, _hashable(v)) for k, v in thaw(config.task.options).items()))
+    data_dir = None if config.task.data_dir is None else str(config.task.data_dir)
+    return _load(config.task.name, options, data_dir, config.training.seed)
+
+
+def _hashable(value: object) -> object:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def site_data(config: ExperimentConfig, site_id: int) -> TaskData:
+    """Site ``site_id``'s share under the configured partition (deterministic from the seed)."""
+    if not 0 <= site_id < config.sites.count:
+        raise ValueError(f"site id {site_id} outside 0..{config.sites.count - 1}")
+    data = load_data(config)
+    if config.sites.count == 1:
+        return data
+    parts = get_task(config.task.name).site_partition(
+        data,
+        num_sites=config.sites.count,
+        scheme=config.sites.partition,
+        seed=config.training.seed,
+        alpha=config.sites.alpha,
+    )
+    return parts[site_id]
+
+
+def initial_model(config: ExperimentConfig) -> nn.Module:
+    """The seeded initial plain model: identical in every process that builds it."""
+    torch.manual_seed(config.training.seed)
+    model = get_task(config.task.name).build_model(config.model.arch, **thaw(config.model.options))
+    return model.to(dtype_of(config))
+
+
+def target_policy(config: ExperimentConfig, data: TaskData) -> ShadowPolicy:
+    """The shadow rule for targets: valid labels (classification), the target range (regression)."""
+    choice = config.encryption.target_shadow
+    if choice == "uniform":
+        return FeatureRange(0.0, 1.0)
+    if data.kind == "classification":
+        if choice == "range":
+            raise ValueError("target_shadow 'range' is for regression; use valid-label")
+        assert data.num_classes is not None
+        return ValidLabel(data.num_classes)
+    if choice == "valid-label":
+        raise ValueError("target_shadow 'valid-label' is for classification; use range")
+    lo, hi = data.target_range or (float(data.y_train.min()), float(data.y_train.max()))
+    return RegressionRange(lo, hi)
+
+
+def federation_key(config: ExperimentConfig) -> MoreKey:
+    """The site's key: the configured key file, else (simulation only) one from ``key_seed``."""
+    if config.encryption.key_file is not None:
+        return load_key(config.encryption.key_file)
+    return generate_key(config.encryption.key_seed)
+
+
+@dataclass
+class EncryptedSplit:
+    """A site's data under its key, kept between rounds (encryption is the costly part)."""
+
+    x_train: EncryptedTensor
+    y_train: EncryptedTensor
+    x_test: EncryptedTensor
+    fingerprint: str
+
+
+def encrypt_data(
+    config: ExperimentConfig, data: TaskData, key: MoreKey, seed: int
+) -> EncryptedSplit:
+    dtype = dtype_of(config)
+    lo, hi = data.feature_range
+    policy = target_policy(config, data)
+    if isinstance(policy, ValidLabel):
+        targets = torch.nn.functional.one_hot(data.y_train.long(), policy.num_classes).to(dtype)
+    else:
+        targets = data.y_train.to(dtype)
+    return EncryptedSplit(
+        x_train=encrypt(data.x_train.to(dtype), key, FeatureRange(lo, hi), seed=seed),
+        y_train=encrypt(targets, key, policy, seed=seed + 1),
+        x_test=encrypt(data.x_test.to(dtype), key, FeatureRange(lo, hi), seed=seed + 2),
+        fingerprint=key.fingerprint,
+    )
+
+
+@dataclass
+class CentralResult:
+    """Per-epoch test metrics of one centralised run."""
+
+    mode: str
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    model: nn.Module | None = None
+
+
+def train_centralised(
+    config: ExperimentConfig,
+    *,
+    encrypted: bool,
+    key: MoreKey | None = None,
+    epochs: int | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> CentralResult:
+    """Train on the whole task (plaintext, or encrypted under ``key``) and evaluate each epoch.
+
+    Evaluation of the encrypted model runs encrypted inference and decrypts the predictions
+    only, as a site does. Epochs default to rounds x local epochs of the experiment.
+    """
+    data = load_data(config)
+    dtype, loss = dtype_of(config), loss_of(data)
+    t = config.training
+    epochs = epochs or t.rounds * t.local_epochs
+    plain = initial_model(config)
+    result = CentralResult("encrypted" if encrypted else "plaintext")
+    start = time.perf_counter()
+
+    def record(epoch: int, outputs: torch.Tensor) -> None:
+        metrics = {"epoch": float(epoch + 1), **data.metrics(outputs, data.y_test)}
+        result.history.append(metrics)
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+
+    if not encrypted:
+        opt = torch.optim.SGD(
+            plain.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay
+        )
+        x_test = data.x_test.to(dtype)
+
+        def plain_eval(epoch: int, model: nn.Module) -> None:
+            model.eval()
+            with torch.no_grad():
+                record(epoch, model(x_test))
+            model.train()
+
+        y = data.y_train if loss == "cross_entropy" else data.y_train.to(dtype)
+        train_plain(
+            plain,
+            data.x_train.to(dtype),
+            y,
+            loss=loss,
+            optimizer=opt,
+            epochs=epochs,
+            batch_size=t.batch_size,
+            seed=t.seed,
+            callback=plain_eval,
+        )
+        result.model = plain
+    else:
+        if key is None:
+            raise ValueError("encrypted training needs the site's key to encrypt its data")
+        split = encrypt_data(config, data, key, seed=t.seed + 7)
+        twin = to_encrypted(plain, None, dtype=dtype)
+
+        def enc_eval(epoch: int, model: nn.Module) -> None:
+            check_tensors(
+                encrypted_parameters(model), key, limit=config.encryption.health_limit
+            ).raise_if_unhealthy()
+            record(epoch, decrypt(predict_encrypted(model, split.x_test), key))
+            model.train()
+
+        opt_e = EncryptedSGD(twin, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        train_encrypted(
+            twin,
+            split.x_train,
+            split.y_train,
+            loss=loss,
+            optimizer=opt_e,
+            epochs=epochs,
+            batch_size=t.batch_size,
+            seed=t.seed,
+            callback=enc_eval,
+        )
+        result.model = to_plain(twin, key)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+@dataclass(frozen=True)
+class SideBySide:
+    """Plaintext and encrypted centralised runs of one experiment, same seed."""
+
+    plaintext: CentralResult
+    encrypted: CentralResult
+    param_abs: float
+    param_rel: float
+
+
+def compare_centralised(
+    config: ExperimentConfig,
+    key: MoreKey,
+    *,
+    epochs: int | None = None,
+    on_epoch: Callable[[str, int, dict[str, float]], None] | None = None,
+) -> SideBySide:
+    """``more-fl train``: both runs, then the deviation of the decrypted model's weights."""
+
+    def hook(mode: str) -> Callable[[int, dict[str, float]], None] | None:
+        if on_epoch is None:
+            return None
+        return lambda epoch, metrics: on_epoch(mode, epoch, metrics)
+
+    plain = train_centralised(config, encrypted=False, epochs=epochs, on_epoch=hook("plaintext"))
+    enc = train_centralised(
+        config, encrypted=True, key=key, epochs=epochs, on_epoch=hook("encrypted")
+    )
+    assert plain.model is not None and enc.model is not None
+    ps, es = plain.model.state_dict(), enc.model.state_dict()
+    diff = max(float((es[k].double() - v.double()).abs().max()) for k, v in ps.items())
+    scale = max(float(v.double().abs().max()) for v in ps.values())
+    return SideBySide(plain, enc, diff, diff / max(scale, 1e-30))

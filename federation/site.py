@@ -1,0 +1,182 @@
+"""One hospital's work in a federation round: the site holds the key, nothing else does.
+
+Encrypts its share of the task data once (cached between rounds), trains the received
+global model on ciphertexts (the trainer never sees the key), checks both channels with the
+key before replying, and evaluates by encrypted inference, decrypting only predictions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from federation.config import ExperimentConfig
+from federation.experiment import (
+    EncryptedSplit,
+    dtype_of,
+    encrypt_data,
+    federation_key,
+    initial_model,
+    loss_of,
+    site_data,
+)
+from federation.more.cipher import decrypt
+from federation.more.health import check_tensors, diagnose
+from federation.more.keys import MoreKey
+from federation.nn.convert import encrypted_parameters, load_encrypted_state, to_encrypted
+from federation.nn.train import (
+    EncryptedSGD,
+    TrainingDivergedError,
+    batch_order,
+    plain_loss,
+    predict_encrypted,
+    train_encrypted,
+    train_plain,
+)
+from federation.tasks.base import TaskData
+
+
+class SiteError(RuntimeError):
+    """The site refuses to send an update (e.g. its shadow channel diverged)."""
+
+
+@dataclass(frozen=True)
+class LocalUpdate:
+    arrays: dict[str, np.ndarray]
+    num_examples: int
+    fingerprint: str | None
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class LocalEvaluation:
+    num_examples: int
+    metrics: dict[str, float]
+
+
+def round_seed(config: ExperimentConfig, site_id: int, server_round: int) -> int:
+    """Batch-order seed of a site's local training in a round (same in both modes)."""
+    return config.training.seed * 1_000_003 + server_round * 1_009 + site_id
+
+
+class Site:
+    """A hospital site agent's library side (Flower only unpacks and packs around it)."""
+
+    def __init__(self, config: ExperimentConfig, site_id: int, key: MoreKey | None) -> None:
+        if config.federation.encrypted and key is None:
+            raise ValueError("an encrypted federation needs the site's key")
+        self.config, self.site_id, self._key = config, site_id, key
+        self.data: TaskData = site_data(config, site_id)
+        self._split: EncryptedSplit | None = None
+
+    @classmethod
+    def for_node(cls, config: ExperimentConfig, site_id: int) -> Site:
+        key = federation_key(config) if config.federation.encrypted else None
+        return cls(config, site_id, key)
+
+    @property
+    def fingerprint(self) -> str | None:
+        return None if self._key is None else self._key.fingerprint
+
+    def _encrypted(self) -> EncryptedSplit:
+        assert self._key is not None
+        if self._split is None:
+            seed = self.config.training.seed * 7919 + self.site_id
+            self._split = encrypt_data(self.config, self.data, self._key, seed)
+        return self._split
+
+    def _model(self, arrays: Mapping[str, np.ndarray]) -> nn.Module:
+        dtype = dtype_of(self.config)
+        plain = initial_model(self.config)
+        if not self.config.federation.encrypted:
+            state = {k: torch.as_tensor(np.asarray(v), dtype=dtype) for k, v in arrays.items()}
+            plain.load_state_dict(state)
+            return plain
+        twin = to_encrypted(plain, None, dtype=dtype)
+        state = {k: torch.as_tensor(np.asarray(v)) for k, v in arrays.items()}
+        # A global model is under the federation key (or key-free in round 1).
+        load_encrypted_state(twin, state, self.fingerprint)
+        return twin
+
+    def train(self, arrays: Mapping[str, np.ndarray], server_round: int) -> LocalUpdate:
+        t = self.config.training
+        model = self._model(arrays)
+        loss = loss_of(self.data)
+        seed = round_seed(self.config, self.site_id, server_round)
+        n = len(self.data.x_train)
+        if not self.config.federation.encrypted:
+            opt = torch.optim.SGD(
+                model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay
+            )
+            y = (
+                self.data.y_train
+                if loss == "cross_entropy"
+                else self.data.y_train.to(dtype_of(self.config))
+            )
+            train_plain(
+                model,
+                self.data.x_train.to(dtype_of(self.config)),
+                y,
+                loss=loss,
+                optimizer=opt,
+                epochs=t.local_epochs,
+                batch_size=t.batch_size,
+                seed=seed,
+            )
+            arrays_out = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+            return LocalUpdate(arrays_out, n, None, {})
+        assert self._key is not None
+        split = self._encrypted()
+        opt_e = EncryptedSGD(model, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        try:
+            train_encrypted(
+                model,
+                split.x_train,
+                split.y_train,
+                loss=loss,
+                optimizer=opt_e,
+                epochs=t.local_epochs,
+                batch_size=t.batch_size,
+                seed=seed,
+            )
+        except TrainingDivergedError as exc:
+            batch = batch_order(n, t.batch_size, seed, exc.epoch)[exc.step]
+            where = diagnose(
+                model, split.x_train[batch], self._key, limit=self.config.encryption.health_limit
+            )
+            raise SiteError(f"site {self.site_id}: {exc}; {where}") from exc
+        report = check_tensors(
+            encrypted_parameters(model), self._key, limit=self.config.encryption.health_limit
+        )
+        if not report.healthy:
+            raise SiteError(f"site {self.site_id}: {report.describe()}")
+        arrays_out = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+        metrics = {
+            "shadow_max": report.shadow_max,
+            "data_max": report.data_max,
+            "channel_mixing": report.mixing,
+        }
+        return LocalUpdate(arrays_out, n, self.fingerprint, metrics)
+
+    def evaluate(self, arrays: Mapping[str, np.ndarray], server_round: int) -> LocalEvaluation:
+        """Test metrics of the global model on this site's test split (only metrics leave)."""
+        model = self._model(arrays)
+        loss = loss_of(self.data)
+        dtype = dtype_of(self.config)
+        if self.config.federation.encrypted:
+            assert self._key is not None
+            outputs = decrypt(predict_encrypted(model, self._encrypted().x_test), self._key)
+        else:
+            model.eval()
+            with torch.no_grad():
+                outputs = model(self.data.x_test.to(dtype))
+        y = self.data.y_test if loss == "cross_entropy" else self.data.y_test.to(dtype)
+        metrics = {
+            "loss": float(plain_loss(loss, outputs, y)),
+            **self.data.metrics(outputs, self.data.y_test),
+        }
+        return LocalEvaluation(len(self.data.x_test), metrics)

@@ -1,0 +1,107 @@
+"""The aggregator's library: exact FedAvg on ciphertexts, reply validation, checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from federation.aggregation import (
+    InvalidUpdate,
+    RunStore,
+    expected_shapes,
+    fedavg,
+    initial_arrays,
+    validate_update,
+)
+from federation.config import experiment_from_dict
+from federation.more import decrypt, encrypt
+
+
+def test_fedavg_of_ciphertexts_is_a_ciphertext_of_fedavg(key) -> None:
+    gen = torch.Generator().manual_seed(0)
+    plains = [torch.randn(4, 3, generator=gen, dtype=torch.float64) for _ in range(3)]
+    counts = [10, 25, 7]
+    cts = [{"w": encrypt(p, key, seed=i).entries.numpy()} for i, p in enumerate(plains)]
+    avg = fedavg(list(zip(cts, counts, strict=True)))
+    expected = sum(n * p for n, p in zip(counts, plains, strict=True)) / sum(counts)
+    got = decrypt(type(encrypt(plains[0], key))(torch.from_numpy(avg["w"]), key.fingerprint), key)
+    assert float((got - expected).abs().max()) < 1e-14
+    plain_avg = fedavg([({"w": p.numpy()}, n) for p, n in zip(plains, counts, strict=True)])
+    assert float(np.abs(plain_avg["w"] - expected.numpy()).max()) < 1e-15
+
+
+def _config(encrypted: bool = True):
+    return experiment_from_dict(
+        {
+            "name": "t",
+            "task": {"name": "wbc", "options": {"n_samples": 200}},
+            "federation": {"encrypted": encrypted},
+        }
+    )
+
+
+def test_initial_model_is_key_free_and_seeded() -> None:
+    a, b = initial_arrays(_config()), initial_arrays(_config())
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    w = a["0.weight"]
+    assert w.shape[-2:] == (2, 2)
+    assert np.array_equal(w[..., 0, 1], np.zeros_like(w[..., 0, 1]))
+    assert np.array_equal(w[..., 0, 0], w[..., 1, 1])
+    plain = initial_arrays(_config(encrypted=False))
+    assert np.array_equal(plain["0.weight"], w[..., 0, 0])
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda a: a.pop("0.bias"), "missing"),
+        (lambda a: a.update(extra=np.zeros(1)), "unexpected"),
+        (lambda a: a.update({"0.bias": a["0.bias"][:3]}), "shape"),
+        (lambda a: a["0.weight"].__setitem__((0, 0, 0, 0), np.nan), "non-finite"),
+        (lambda a: a.update({"0.bias": a["0.bias"].astype(np.int64)}), "dtype"),
+    ],
+)
+def test_bad_updates_are_refused_with_a_reason(mutate, reason) -> None:
+    cfg = _config()
+    expected = expected_shapes(cfg)
+    arrays = initial_arrays(cfg)
+    validate_update(arrays, 5, "fp", expected=expected, federation_fingerprint="fp", encrypted=True)
+    mutate(arrays)
+    with pytest.raises(InvalidUpdate, match=reason):
+        validate_update(
+            arrays, 5, "fp", expected=expected, federation_fingerprint="fp", encrypted=True
+        )
+
+
+def test_fingerprints_and_counts_are_checked() -> None:
+    cfg = _config()
+    exp, arrays = expected_shapes(cfg), initial_arrays(cfg)
+    kw = {"expected": exp, "encrypted": True}
+    with pytest.raises(InvalidUpdate, match="different keys"):
+        validate_update(arrays, 5, "other", federation_fingerprint="fp", **kw)
+    with pytest.raises(InvalidUpdate, match="no key fingerprint"):
+        validate_update(arrays, 5, None, federation_fingerprint="fp", **kw)
+    with pytest.raises(InvalidUpdate, match="positive integer"):
+        validate_update(arrays, 0, "fp", federation_fingerprint="fp", **kw)
+    with pytest.raises(InvalidUpdate, match="plaintext federation"):
+        validate_update(arrays, 5, "fp", expected=exp, federation_fingerprint=None, encrypted=False)
+
+
+def test_run_store_round_trips_and_writes_atomically(tmp_path) -> None:
+    store = RunStore(tmp_path / "run")
+    assert store.load_latest() is None
+    arrays = {"0.weight": np.arange(8.0).reshape(2, 2, 2), "0.bias": np.ones((2, 2, 2))}
+    history = [{"round": 1, "evaluate": {"r2_min": 0.5}}]
+    store.save_round(1, arrays, "fp", history)
+    store.save_round(2, arrays, "fp", history + [{"round": 2}])
+    ck = store.load_latest()
+    assert ck is not None and ck.server_round == 2 and ck.fingerprint == "fp"
+    assert len(ck.history) == 2 and np.array_equal(ck.arrays["0.weight"], arrays["0.weight"])
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "checkpoint.npz",
+        "history.json",
+    ]
+    (tmp_path / "run" / "checkpoint.npz").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="unreadable checkpoint"):
+        store.load_latest()
