@@ -13,12 +13,14 @@ Gradients: for an encrypted scalar loss ``L``, the gradient in the algebra is th
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from federation.more.analytic import ANALYTIC
 
 Plain = float | int | torch.Tensor | np.ndarray
 
@@ -53,108 +55,6 @@ def _inv(c: torch.Tensor) -> torch.Tensor:
     return adj / det[..., None, None]
 
 
-def _expm(c: torch.Tensor) -> torch.Tensor:
-    """Matrix exponential of 2x2 blocks: the power series summed by Cayley-Hamilton.
-
-    With ``t = tr(C)/2`` and the traceless ``N = C - tI``, ``N^2 = delta I`` where
-    ``delta = ((c00 - c11)/2)^2 + c01 c10``, so ``exp(C) = e^t (ch(delta) I + sh(delta) N)``
-    with the entire series ``ch = sum delta^k/(2k)!`` and ``sh = sum delta^k/(2k+1)!``
-    (cosh/sinh of ``sqrt(delta)``, or cos/sin for round-off-negative ``delta``). No
-    eigen-decomposition, a few element-wise kernels, and as accurate as
-    ``torch.linalg.matrix_exp`` (which is ~20x slower on many 2x2 blocks).
-    """
-    a, b = c[..., 0, 0], c[..., 0, 1]
-    d_, e = c[..., 1, 0], c[..., 1, 1]
-    t = 0.5 * (a + e)
-    h = 0.5 * (a - e)
-    delta = h * h + b * d_
-    root = delta.abs().sqrt()
-    positive = delta >= 0
-    ch = torch.where(positive, torch.cosh(root), torch.cos(root))
-    small = root < 1e-3
-    safe = torch.where(small, torch.ones_like(root), root)
-    sh_big = torch.where(positive, torch.sinh(safe), torch.sin(safe)) / safe
-    sh = torch.where(small, 1.0 + delta / 6.0 + delta * delta / 120.0, sh_big)
-    et = torch.exp(t)
-    p, q = et * ch, et * sh
-    return torch.stack(
-        (torch.stack((p + q * h, q * b), -1), torch.stack((q * d_, p - q * h), -1)), -2
-    )
-
-
-# Taylor coefficients of tanh(y) / y in powers of y^2, to y^12.
-_TANH_SERIES = (1.0, -1 / 3, 2 / 15, -17 / 315, 62 / 2835, -1382 / 155925, 21844 / 6081075)
-
-
-def _tanh_value(c: torch.Tensor) -> torch.Tensor:
-    """tanh of 2x2 blocks by scaling and doubling, so no intermediate leaves [-1, 1].
-
-    ``exp(-C)`` would be ``e^|r|`` large when one channel is large, and its round-off would
-    swamp the other channel. Instead ``C`` is halved until ``||C / 2^k|| <= 1/32``, tanh is
-    summed there by its Taylor series (error < 1e-20), and the double-angle formula
-    ``tanh(2y) = 2 tanh(y) (I + tanh(y)^2)^-1`` is applied ``k`` times: every iterate has
-    eigenvalues in (-1, 1), and the map contracts errors near saturation.
-    """
-    bound = float(c.detach().abs().amax()) * 2.0 if c.numel() else 0.0
-    if not math.isfinite(bound):
-        return torch.full_like(c, math.nan)
-    k = max(0, math.ceil(math.log2(bound * 32.0))) if bound > 0 else 0
-    y = c / float(2**k)
-    y2 = _mm(y, y)
-    eye = _eye(c)
-    poly = eye * _TANH_SERIES[-1]
-    for coeff in reversed(_TANH_SERIES[:-1]):
-        poly = _mm(poly, y2) + coeff * eye
-    t = _mm(y, poly)
-    for _ in range(k):
-        t = 2.0 * _mm(t, _inv(eye + _mm(t, t)))
-    return t
-
-
-def _fn_exp(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    e = _expm(c)
-    return e, e
-
-
-def _fn_sigmoid(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """sigmoid(C) = (I + tanh(C/2)) / 2: bounded in both channels (see _tanh_value)."""
-    y = 0.5 * (_eye(c) + _tanh_value(0.5 * c))
-    return y, y - _mm(y, y)
-
-
-def _fn_tanh(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    y = _tanh_value(c)
-    return y, _eye(c) - _mm(y, y)
-
-
-_SOFTPLUS_NEWTON_STEPS = 5
-
-
-def _fn_softplus(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """softplus(C) = log(I + exp(C)) by Newton's iteration for the matrix logarithm.
-
-    The step ``Y <- Y - I + exp(-Y) (I + exp(C))`` is evaluated as
-    ``Y - I + exp(-Y) + exp(C - Y)``: near the answer both exponents are <= 0 in each
-    channel, so no intermediate is large. The start
-    ``C s + 4 log(2) s (I - s)``, ``s = sigmoid(C)``, is within 0.08 of the answer on each
-    channel and each step squares the error (``e -> e^2 / 2``): five steps reach round-off.
-    """
-    eye = _eye(c)
-    s, _ = _fn_sigmoid(c)
-    y = _mm(c, s) + (4.0 * math.log(2.0)) * (s - _mm(s, s))
-    for _ in range(_SOFTPLUS_NEWTON_STEPS):
-        y = y - eye + _expm(-y) + _expm(c - y)
-    return y, s
-
-
-_ANALYTIC: dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {
-    "exp": _fn_exp,
-    "sigmoid": _fn_sigmoid,
-    "tanh": _fn_tanh,
-    "softplus": _fn_softplus,
-}
-
-
 class _Analytic(torch.autograd.Function):
     """``f(C)`` with the algebra's chain rule: grad_C = f'(C)^T grad_Y.
 
@@ -165,7 +65,7 @@ class _Analytic(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, entries: torch.Tensor, name: str) -> torch.Tensor:
-        value, deriv = _ANALYTIC[name](entries)
+        value, deriv = ANALYTIC[name](entries)
         ctx.save_for_backward(deriv)
         return value
 
