@@ -451,10 +451,12 @@ def load_deployment(path: str | os.PathLike[str]) -> DeploymentConfig:
     return deployment_from_dict(data, source=str(p), base=p.resolve().parent)
 
 
-def find_experiment(reference: str, search: list[Path]) -> Path:
-    """The experiment file a Flower run names: an absolute path, else the first directory
-    of ``search`` that holds it (the project checkout before the copy Flower installed)."""
+def find_experiment(reference: str, *, project_dir: str, app_dir: Path) -> Path:
+    """The experiment file a Flower run names: an absolute path, else relative to the first
+    of ``project_dir`` (run config; may be empty), the working directory and ``app_dir`` (the
+    copy Flower installed) that holds it, so results and data paths stay in the checkout."""
     p = Path(os.path.expanduser(reference))
+    search = ([Path(project_dir)] if project_dir else []) + [Path.cwd(), app_dir]
     candidates = [p] if p.is_absolute() else [d / p for d in search]
     for c in candidates:
         if c.is_file():

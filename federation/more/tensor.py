@@ -310,6 +310,35 @@ class EncryptedTensor:
         """``log(I + exp(C))`` by Newton iterations (no eigen-decomposition)."""
         return self._analytic("softplus")
 
+    def entry_bound(self) -> float:
+        """A key-free bound on the spectral norm of every block (2 x the largest entry).
+
+        Scaling algorithms (tanh doubling, softmax squaring) size their steps with it, as
+        ``torch.linalg.matrix_exp`` does with norms; it is not a comparison of plaintexts.
+        """
+        return 2.0 * float(self._entries.detach().abs().amax()) if self.numel() else 0.0
+
+    def softmax(self, dim: int = -1) -> EncryptedTensor:
+        """Softmax along ``dim`` by scaling and squaring, with every intermediate in (0, 1].
+
+        ``exp`` of raw logits would be ``e^|r|`` large in a channel with large logits and its
+        round-off would swamp the other channel. Instead the (mean-centred) logits are
+        halved ``k`` times until ``exp`` is near ``I``, normalised, and squared back with
+        ``softmax(2z) = softmax(z)^2 / sum(softmax(z)^2)``; relative round-off grows only
+        like ``2^k eps``.
+        """
+        z = self - self.mean(dim=dim, keepdim=True)
+        bound = z.entry_bound()
+        if not math.isfinite(bound):
+            return self._wrap(torch.full_like(self._entries, math.nan))
+        k = max(0, math.ceil(math.log2(bound))) if bound > 1.0 else 0
+        p = (z * (1.0 / 2**k)).exp()
+        p = p * p.sum(dim=dim, keepdim=True).inverse()
+        for _ in range(k):
+            p = p * p
+            p = p * p.sum(dim=dim, keepdim=True).inverse()
+        return p
+
     # --- reductions and shape ---------------------------------------------------------------
     def _dim(self, dim: int) -> int:
         if not -self.ndim <= dim < max(self.ndim, 1):

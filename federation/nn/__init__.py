@@ -17,7 +17,6 @@ from federation.nn.train import (
     batch_order,
     loss_gradient,
     predict_encrypted,
-    softmax,
     train_encrypted,
     train_plain,
 )
@@ -35,7 +34,6 @@ __all__ = [
     "loss_gradient",
     "model_fingerprint",
     "predict_encrypted",
-    "softmax",
     "to_encrypted",
     "to_plain",
     "train_encrypted",

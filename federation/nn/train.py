@@ -39,13 +39,6 @@ class TrainingDivergedError(RuntimeError):
         self.epoch, self.step = epoch, step
 
 
-def softmax(logits: EncryptedTensor) -> EncryptedTensor:
-    """Softmax over the last dim in the algebra; the mean logit is subtracted for range."""
-    shifted = logits - logits.mean(dim=-1, keepdim=True)
-    e = shifted.exp()
-    return e * e.sum(dim=-1, keepdim=True).inverse()
-
-
 def loss_gradient(name: str, outputs: EncryptedTensor, targets: EncryptedTensor) -> EncryptedTensor:
     """``dL/d outputs`` in the algebra for the batch-mean loss, as torch defines it.
 
@@ -57,7 +50,7 @@ def loss_gradient(name: str, outputs: EncryptedTensor, targets: EncryptedTensor)
         )
     if name == "cross_entropy":
         rows = outputs.numel() // outputs.shape[-1]
-        return (softmax(outputs) - targets) / float(rows)
+        return (outputs.softmax(dim=-1) - targets) / float(rows)
     if name == "mse":
         return (outputs - targets) * (2.0 / outputs.numel())
     raise ValueError(f"unknown loss {name!r}; expected one of {LOSSES}")
