@@ -185,3 +185,17 @@ def test_shape_mismatches_raise(key) -> None:
         encrypt(torch.ones(1, 2, 4, 4, dtype=torch.float64), key).conv2d(
             encrypt(torch.ones(1, 3, 2, 2, dtype=torch.float64), key)
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_softmax_is_homomorphic_and_bounded(dtype) -> None:
+    k = KEYS[1]
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(16, 10, generator=gen, dtype=torch.float64) * 4
+    # Shadow logits with a spread of 120: exp would overflow float32 and drown the data.
+    c = encrypt(z.to(dtype), k, FeatureRange(-60.0, 60.0), seed=3)
+    p = c.softmax(dim=-1)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert float((decrypt(p, k).double() - torch.softmax(z, -1)).abs().max()) < tol
+    r = decrypt_shadow(c, k).double()
+    assert float((decrypt_shadow(p, k).double() - torch.softmax(r, -1)).abs().max()) < 1e3 * tol
