@@ -187,12 +187,15 @@ class EncryptionConfig:
     ``target_shadow: auto`` means valid labels for classification and the target range for
     regression (the design's rule); ``uniform`` exists to demonstrate why not. Without a
     ``key_file`` a simulation derives one shared key from ``key_seed`` (never for real data).
+    ``refresh_every``: the site re-encrypts its model every so many SGD steps (0: never),
+    which stops round-off outside the key's algebra from growing.
     """
 
     target_shadow: str = "auto"
     key_file: Path | None = None
     key_seed: int = 1234
     health_limit: float = 1e4
+    refresh_every: int = 10
 
 
 @dataclass(frozen=True)
@@ -268,6 +271,7 @@ def experiment_from_dict(
         key_file=en.path("key_file", base),
         key_seed=en.integer("key_seed", 1234),
         health_limit=en.number("health_limit", 1e4, strict=True),
+        refresh_every=en.integer("refresh_every", 10),
     )
     en.done()
 
@@ -297,9 +301,7 @@ def _read_yaml(path: str | os.PathLike[str]) -> tuple[Any, Path]:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from None
 
 
-def load_experiment(
-    path: str | os.PathLike[str], base: Path | None = None
-) -> ExperimentConfig:
+def load_experiment(path: str | os.PathLike[str], base: Path | None = None) -> ExperimentConfig:
     """Load an experiment YAML; relative paths in it resolve against ``base``, by default
     the file's own directory (so a config works from any working directory)."""
     data, p = _read_yaml(path)

@@ -20,6 +20,7 @@ from federation.more.keys import MoreKey
 from federation.more.tensor import EncryptedTensor
 from federation.nn.convert import to_encrypted, to_plain
 from federation.nn.train import EncryptedSGD, predict_encrypted, train_encrypted, train_plain
+from federation.refresh import refresher
 
 # Acceptance bounds of the central property (design note, section 4).
 FLOAT64_ABS_TOL = 1e-9
@@ -98,11 +99,13 @@ def compare_training(
     feature_range: tuple[float, float] | None = None,
     target_range: tuple[float, float] | None = None,
     x_eval: torch.Tensor | None = None,
+    refresh_every: int = 10,
 ) -> Comparison:
     """Train ``model`` plaintext and encrypted (key-free initial encoding) and compare.
 
     Returns parameter deviations and the deviation of encrypted inference on ``x_eval``
-    (default: ``x``) from plaintext inference.
+    (default: ``x``) from plaintext inference. The site side re-encrypts the model every
+    ``refresh_every`` steps (0: never), as sites do.
     """
     plain = copy.deepcopy(model).to(dtype)
     twin = to_encrypted(plain, None, dtype=dtype)
@@ -131,7 +134,15 @@ def compare_training(
     start = time.perf_counter()
     eopt = EncryptedSGD(twin, lr=lr, momentum=momentum, weight_decay=weight_decay)
     train_encrypted(
-        twin, ex, ey, loss=loss, optimizer=eopt, epochs=epochs, batch_size=batch_size, seed=seed
+        twin,
+        ex,
+        ey,
+        loss=loss,
+        optimizer=eopt,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        step_hook=refresher(twin, eopt, key, refresh_every),
     )
     seconds_encrypted = time.perf_counter() - start
 

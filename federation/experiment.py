@@ -33,6 +33,7 @@ from federation.nn.train import (
     train_encrypted,
     train_plain,
 )
+from federation.refresh import refresher
 from federation.tasks import get_task
 from federation.tasks.base import TaskData
 
@@ -227,6 +228,7 @@ def train_centralised(
             batch_size=t.batch_size,
             seed=t.seed,
             callback=enc_eval,
+            step_hook=refresher(twin, opt_e, key, config.encryption.refresh_every),
         )
         result.model = to_plain(twin, key)
     result.seconds = time.perf_counter() - start

@@ -37,6 +37,7 @@ from federation.nn.train import (
     train_encrypted,
     train_plain,
 )
+from federation.refresh import refresher
 from federation.tasks.base import TaskData
 
 
@@ -142,6 +143,7 @@ class Site:
                 epochs=t.local_epochs,
                 batch_size=t.batch_size,
                 seed=seed,
+                step_hook=refresher(model, opt_e, self._key, self.config.encryption.refresh_every),
             )
         except TrainingDivergedError as exc:
             batch = batch_order(n, t.batch_size, seed, exc.epoch)[exc.step]

@@ -150,3 +150,21 @@ def leakage(c: EncryptedTensor, key: MoreKey) -> torch.Tensor:
     si = torch.tensor(key.inverse, device=c.device)
     d = si @ c.entries.detach().to(torch.float64) @ s
     return torch.stack((d[..., 0, 1], d[..., 1, 0]), -1).abs().amax(-1).to(c.dtype)
+
+
+def refresh(c: EncryptedTensor, key: MoreKey) -> EncryptedTensor:
+    """Re-encrypt a ciphertext with the same data and shadow values (site only).
+
+    Round-off leaves a tiny component outside the key's algebra (the off-diagonal of
+    ``S^-1 C S``); gradient descent on ciphertexts amplifies it geometrically (measured:
+    x10 to x100 per 25 SGD steps on MNIST). Re-encrypting both channels projects it away
+    without changing either channel, so a site that refreshes its model every few steps
+    trains exactly as long as it likes.
+    """
+    _check_key(c, key)
+    s = torch.tensor(key.matrix, device=c.device)
+    si = torch.tensor(key.inverse, device=c.device)
+    d = si @ c.entries.detach().to(torch.float64) @ s
+    p, q = _projectors(key)
+    fresh = d[..., 0, 0, None, None] * p.to(c.device) + d[..., 1, 1, None, None] * q.to(c.device)
+    return EncryptedTensor(fresh.to(c.dtype), key.fingerprint)

@@ -140,9 +140,12 @@ def train_encrypted(
     batch_size: int,
     seed: int,
     callback: EncryptedCallback | None = None,
+    step_hook: Callable[[int, int], None] | None = None,
 ) -> list[EpochReport]:
     """Train an encrypted twin on encrypted features and (one-hot or regression) targets.
 
+    ``callback(epoch, model)`` runs after each epoch, ``step_hook(epoch, step)`` after each
+    optimiser step (a site uses it to re-encrypt its model, see ``federation.refresh``).
     Raises :class:`TrainingDivergedError` before applying a non-finite update.
     """
     if len(x) != len(y):
@@ -165,6 +168,8 @@ def train_encrypted(
             out.backward(grad)
             optimizer.step()
             steps += 1
+            if step_hook is not None:
+                step_hook(epoch, step)
         reports.append(EpochReport(epoch, steps, time.perf_counter() - start))
         if callback is not None:
             callback(epoch, model)

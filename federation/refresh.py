@@ -1,0 +1,41 @@
+"""A site's periodic re-encryption of the model it is training (it holds the key).
+
+The trainer never sees the key; it calls a step hook, and this hook (built by the site)
+re-encrypts the parameters and the optimiser's momentum in place every ``every`` steps, which
+keeps round-off from growing outside the key's algebra (see :func:`federation.more.refresh`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from federation.more.cipher import refresh
+from federation.more.keys import MoreKey
+from federation.nn.convert import encrypted_parameters
+from federation.nn.train import EncryptedSGD
+
+StepHook = Callable[[int, int], None]
+
+
+def refresher(
+    model: nn.Module, optimizer: EncryptedSGD, key: MoreKey, every: int
+) -> StepHook | None:
+    """A step hook that refreshes ``model`` and ``optimizer`` state every ``every`` steps."""
+    if every <= 0:
+        return None
+    count = 0
+
+    @torch.no_grad()
+    def hook(epoch: int, step: int) -> None:
+        nonlocal count
+        count += 1
+        if count % every:
+            return
+        tensors = list(encrypted_parameters(model).values()) + optimizer.momentum_buffers()
+        for t in tensors:
+            t.entries.copy_(refresh(t.detach(), key).entries)
+
+    return hook
