@@ -1,0 +1,501 @@
+"""XA DICOM for the angiography task: write synthetic runs, read a hospital's PACS export.
+
+A site points the task at a folder of X-ray angiography files. Labels come from the C-arm
+angles stored with every run (PositionerPrimaryAngle, LAO > 0; PositionerSecondaryAngle,
+cranial > 0), but angles alone cannot tell a left from a right coronary injection, so the
+artery comes from an optional labels CSV (``file`` plus ``artery`` and/or ``view``) or from
+SeriesDescription / ProtocolName words such as "LCA", "RCA", "left", "right". Files that
+cannot be used (not DICOM, not XA, no pixel data, no angles, no label, a rotational run) are
+skipped and reported with the reason, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import torch
+import torch.nn.functional as F
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut
+from pydicom.tag import Tag
+from pydicom.uid import (
+    EnhancedXAImageStorage,
+    ExplicitVRLittleEndian,
+    XRayAngiographicImageStorage,
+    generate_uid,
+)
+
+from federation.tasks.angio import (
+    ARTERIES,
+    VIEW_BOXES,
+    VIEW_CLASSES,
+    AngioSet,
+    angle_name,
+    atomic_write,
+    generate,
+    normalize_image,
+    view_class,
+)
+
+XA_SOP_CLASSES = (XRayAngiographicImageStorage, EnhancedXAImageStorage)
+FRAME_CHOICES = ("max-contrast", "first", "middle", "last")
+_BITS = 12  # stored bits of written images (typical of XA detectors)
+_TEXT_TAGS = ("SeriesDescription", "ProtocolName")
+_ARTERY_WORDS = (  # (left, right) words, strongest first
+    (frozenset({"lca"}), frozenset({"rca"})),
+    (frozenset({"left"}), frozenset({"right"})),
+)
+
+
+def write_xa(
+    path: str | Path,
+    pixels: np.ndarray,
+    *,
+    primary: float | None,
+    secondary: float | None,
+    sid: float = 1000.0,
+    sod: float = 750.0,
+    pixel_spacing: float = 0.3,
+    patient_id: str = "ANON",
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    series_description: str = "",
+    protocol_name: str = "",
+    station_name: str = "",
+    model_name: str = "",
+    instance_number: int = 1,
+) -> Path:
+    """Write one X-Ray Angiographic Image (single- or multi-frame) atomically.
+
+    ``pixels`` is ``[H, W]`` or ``[frames, H, W]``: floats in [0, 1] are stored as 12-bit
+    values, integer arrays as they are (uint16). ``primary``/``secondary`` of None leave the
+    positioner angles out (a run the reader must reject). The file appears complete or not
+    at all: it is written to a temporary file in the same folder and moved into place.
+    """
+    path = Path(path)
+    frames = np.asarray(pixels)
+    if frames.ndim not in (2, 3):
+        raise ValueError(f"pixels must be [H, W] or [frames, H, W], got shape {frames.shape}")
+    if np.issubdtype(frames.dtype, np.floating):
+        stored = np.rint(np.clip(frames, 0.0, 1.0) * (2**_BITS - 1)).astype(np.uint16)
+    else:
+        stored = frames.astype(np.uint16)
+    study_uid = study_uid or generate_uid(entropy_srcs=[patient_id, "study"])
+    series_uid = series_uid or generate_uid(entropy_srcs=[study_uid, str(instance_number)])
+    sop_uid = generate_uid(entropy_srcs=[series_uid, str(instance_number), "image"])
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = XRayAngiographicImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = XRayAngiographicImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.Modality = "XA"
+    ds.PatientID = patient_id
+    ds.PatientName = patient_id
+    ds.StudyID = "1"
+    ds.SeriesNumber = instance_number
+    ds.InstanceNumber = instance_number
+    ds.SeriesDescription = series_description
+    ds.ProtocolName = protocol_name
+    ds.Manufacturer = "more-fl"
+    ds.ManufacturerModelName = model_name
+    ds.StationName = station_name
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "SINGLE PLANE"]
+    ds.PositionerMotion = "STATIC"
+    if primary is not None and secondary is not None:
+        ds.PositionerPrimaryAngle = f"{primary:.2f}"
+        ds.PositionerSecondaryAngle = f"{secondary:.2f}"
+    ds.DistanceSourceToDetector = f"{sid:.1f}"
+    ds.DistanceSourceToPatient = f"{sod:.1f}"
+    ds.ImagerPixelSpacing = [f"{pixel_spacing:.6g}", f"{pixel_spacing:.6g}"]
+    iso = pixel_spacing * sod / sid  # spacing at the isocentre (magnification removed)
+    ds.PixelSpacing = [f"{iso:.6g}", f"{iso:.6g}"]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = stored.shape[-2:]
+    ds.BitsAllocated = 16
+    ds.BitsStored = _BITS if np.issubdtype(frames.dtype, np.floating) else 16
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = 0
+    if stored.ndim == 3:
+        ds.NumberOfFrames = stored.shape[0]
+        ds.FrameTime = "66.7"
+        ds.FrameIncrementPointer = Tag("FrameTime")
+    ds.PixelData = stored.astype("<u2").tobytes()
+
+    return atomic_write(path, lambda tmp: ds.save_as(tmp, enforce_file_format=True))
+
+
+def export_synthetic(
+    folder: str | Path,
+    *,
+    n: int = 64,
+    seed: int = 0,
+    image_size: int = 64,
+    num_scanners: int = 3,
+    images_per_patient: int = 8,
+) -> list[Path]:
+    """Write ``n`` synthetic angiograms as an XA PACS export: ``<patient>/<run>.dcm``.
+
+    Each run's SeriesDescription is its view name (e.g. "LCA LAO cranial"), so the folder
+    reads back through :func:`read_folder` without a labels CSV.
+    """
+    data = generate(
+        n,
+        seed=seed,
+        image_size=image_size,
+        num_scanners=num_scanners,
+        images_per_patient=images_per_patient,
+    )
+    paths = []
+    for i in range(len(data)):
+        patient_id = data.patient_ids[data.patient[i]]
+        scanner = int(data.scanner[i])
+        paths.append(
+            write_xa(
+                Path(folder) / patient_id / f"run{i:05d}.dcm",
+                data.images[i],
+                primary=float(data.primary[i]),
+                secondary=float(data.secondary[i]),
+                sid=float(data.sid[i]),
+                sod=float(data.sod[i]),
+                pixel_spacing=float(data.pixel_spacing[i]),
+                patient_id=patient_id,
+                series_description=VIEW_CLASSES[data.view[i]],
+                protocol_name="Coronary angiography",
+                station_name=f"CATHLAB{scanner}",
+                model_name=data.scanner_names[scanner],
+                instance_number=i + 1,
+            )
+        )
+    return paths
+
+
+@dataclass(frozen=True)
+class _Labels:
+    """One labels-CSV row: either entry may be missing."""
+
+    artery: int | None
+    view: int | None
+
+
+def _key(text: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", text.lower())
+
+
+def parse_artery(text: str) -> int | None:
+    """Artery index of a free-text label ("LCA", "left", "RCA", "right", ...), else None.
+
+    "LCA"/"RCA" outrank "left"/"right", so "LCA via right radial" is still a left injection;
+    a text naming both sides at the same rank is ambiguous (None).
+    """
+    words = set(re.split(r"[^a-z]+", text.lower()))
+    for left_words, right_words in _ARTERY_WORDS:
+        left, right = bool(words & left_words), bool(words & right_words)
+        if left != right:
+            return ARTERIES.index("LCA" if left else "RCA")
+    return None
+
+
+def parse_view(text: str) -> int | None:
+    """View index of a class name (case, spaces and punctuation ignored) or of its index."""
+    text = text.strip()
+    if text.isdigit() and int(text) < len(VIEW_CLASSES):
+        return int(text)
+    names = {_key(name): i for i, name in enumerate(VIEW_CLASSES)}
+    return names.get(_key(text))
+
+
+def _parse_row(artery_text: str, view_text: str) -> _Labels | str:
+    """Labels of one CSV row, or why they are unusable (a view implies its artery)."""
+    artery = parse_artery(artery_text) if artery_text else None
+    view = parse_view(view_text) if view_text else None
+    if artery_text and artery is None:
+        return f"unrecognised artery {artery_text!r} in labels CSV"
+    if view_text and view is None:
+        return f"unrecognised view {view_text!r} in labels CSV"
+    if view is not None:
+        implied = VIEW_BOXES[view][0]
+        if artery is not None and artery != implied:
+            return f"labels CSV artery {artery_text!r} contradicts view {view_text!r}"
+        artery = implied
+    return _Labels(artery, view)
+
+
+def read_labels_csv(path: str | Path) -> dict[str, _Labels | str]:
+    """Labels keyed by the ``file`` column (a path relative to the folder, or a bare name).
+
+    Values are ``_Labels`` or the reason the row cannot label its file. A bare file name
+    also matches files in sub-folders, as long as it names one row only.
+    """
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        rows = [
+            {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
+            for row in csv.DictReader(handle)
+        ]
+    if rows and "file" not in rows[0]:
+        raise ValueError(f"{path}: the labels CSV needs a 'file' column")
+    out: dict[str, _Labels | str] = {}
+    for row in rows:
+        if row["file"]:
+            out[Path(row["file"]).as_posix()] = _parse_row(
+                row.get("artery", ""), row.get("view", "")
+            )
+    names: dict[str, list[str]] = {}
+    for key in out:
+        names.setdefault(Path(key).name, []).append(key)
+    for name, keys in names.items():
+        if name not in out and len(keys) == 1:
+            out[name] = out[keys[0]]
+    return out
+
+
+def _find(ds: Dataset, keyword: str) -> object | None:
+    """A value at the top level or in the shared functional groups (enhanced XA)."""
+    if keyword in ds:
+        return ds.get(keyword)
+    for group in ds.get("SharedFunctionalGroupsSequence", []):
+        for element in group:
+            if element.VR == "SQ":
+                for item in element.value:
+                    if keyword in item:
+                        return item.get(keyword)
+    return None
+
+
+def _number(ds: Dataset, keyword: str) -> float | None:
+    value = _find(ds, keyword)
+    if value is None or value == "":
+        return None
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        value = value[0]
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if np.isfinite(number) else None
+
+
+def select_frame(frames: np.ndarray, how: str | int = "max-contrast") -> int:
+    """Index of the frame of a cine run ``[F, H, W]`` to use.
+
+    ``"max-contrast"`` takes the frame of peak opacification: after dividing each frame by
+    its median (exposure control changes the gain between frames), the frame that lies
+    furthest below the run's per-pixel maximum (the least-filled state of every pixel).
+    """
+    count = len(frames)
+    if isinstance(how, (int, np.integer)):
+        if not -count <= how < count:
+            raise ValueError(f"frame {how} out of range for a {count}-frame run")
+        return int(how) % count
+    if how == "first":
+        return 0
+    if how == "middle":
+        return count // 2
+    if how == "last":
+        return count - 1
+    if how != "max-contrast":
+        raise ValueError(f"frame must be an index or one of {FRAME_CHOICES}, got {how!r}")
+    gain = np.median(frames.reshape(count, -1), axis=1)
+    scaled = frames / np.maximum(gain, 1e-6)[:, None, None]
+    return int(np.argmax((scaled.max(axis=0) - scaled).reshape(count, -1).mean(axis=1)))
+
+
+def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+    """Centre-crop to a square (angles assume the central ray) and resample, antialiased."""
+    h, w = image.shape
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = torch.from_numpy(np.ascontiguousarray(image[top : top + side, left : left + side]))
+    out = F.interpolate(
+        square.float()[None, None],
+        size=(size, size),
+        mode="bilinear",
+        antialias=True,
+        align_corners=False,
+    )
+    return out[0, 0].numpy()
+
+
+@dataclass
+class _Record:
+    image: np.ndarray
+    view: int
+    artery: int
+    primary: float
+    secondary: float
+    sid: float
+    sod: float
+    spacing: float
+    scanner: str
+    patient: str
+    path: str
+
+
+def _read_one(
+    path: Path,
+    rel: str,
+    labels: dict[str, _Labels | str],
+    *,
+    image_size: int,
+    label: str,
+    frame: str | int,
+) -> _Record | str:
+    """One usable image, or the reason the file is unusable."""
+    try:
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError:
+        return "not a DICOM file"
+    except Exception as exc:  # truncated or corrupt files surface as many exception types
+        return f"unreadable DICOM ({type(exc).__name__}: {exc})"
+    modality, sop = str(ds.get("Modality", "")), ds.get("SOPClassUID")
+    if modality != "XA" and sop not in XA_SOP_CLASSES:
+        return f"not XA (modality {modality or 'missing'})"
+    if "PixelData" not in ds:
+        return "no pixel data"
+    for keyword in ("PositionerPrimaryAngleIncrement", "PositionerSecondaryAngleIncrement"):
+        steps = _find(ds, keyword)
+        if steps is not None and np.any(np.abs(np.atleast_1d(np.asarray(steps, float))) > 0):
+            return "rotational run (positioner angles change between frames)"
+
+    row = labels.get(rel, labels.get(path.name))
+    if isinstance(row, str):
+        return row
+    artery = row.artery if row else None
+    view = row.view if row else None
+    primary = _number(ds, "PositionerPrimaryAngle")
+    secondary = _number(ds, "PositionerSecondaryAngle")
+    if artery is None:
+        for tag in _TEXT_TAGS:
+            artery = parse_artery(str(ds.get(tag, "")))
+            if artery is not None:
+                break
+    if label == "view" and view is None:
+        if primary is None or secondary is None:
+            return "no positioner angles (PositionerPrimaryAngle/SecondaryAngle)"
+        if artery is None:
+            return "no artery label (labels CSV, SeriesDescription or ProtocolName)"
+        view = view_class(artery, primary, secondary)
+        if view is None:
+            return (
+                f"{angle_name(primary, secondary)} lies outside every {ARTERIES[artery]} view box"
+            )
+    if artery is None:
+        return "no artery label (labels CSV, SeriesDescription or ProtocolName)"
+    if view is None and primary is not None and secondary is not None:
+        view = view_class(artery, primary, secondary)
+
+    try:
+        pixels = np.asarray(ds.pixel_array)
+    except Exception as exc:  # missing decoder plugins, malformed encapsulation, ...
+        return f"cannot decode pixel data ({type(exc).__name__}: {exc})"
+    frames_count = int(ds.get("NumberOfFrames", 1) or 1)
+    if int(ds.get("SamplesPerPixel", 1)) > 1:
+        pixels = pixels.mean(axis=-1)
+    pixels = apply_modality_lut(pixels, ds).astype(np.float32)
+    if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+        pixels = pixels.max() - pixels  # contrast-filled vessels dark, as in MONOCHROME2
+    frames = pixels if frames_count > 1 else pixels[None]
+    try:
+        chosen = frames[select_frame(frames, frame)]
+    except ValueError as exc:  # an index beyond this run's frames
+        return str(exc)
+    image = normalize_image(resize_square(chosen, image_size))
+    scanner = " / ".join(
+        str(ds.get(tag, "")).strip()
+        for tag in ("Manufacturer", "ManufacturerModelName", "StationName")
+        if str(ds.get(tag, "")).strip()
+    )
+    return _Record(
+        image=image,
+        view=-1 if view is None else view,
+        artery=artery,
+        primary=np.nan if primary is None else primary,
+        secondary=np.nan if secondary is None else secondary,
+        sid=_number(ds, "DistanceSourceToDetector") or np.nan,
+        sod=_number(ds, "DistanceSourceToPatient") or np.nan,
+        spacing=_number(ds, "ImagerPixelSpacing") or _number(ds, "PixelSpacing") or np.nan,
+        scanner=scanner or "unknown scanner",
+        patient=str(ds.get("PatientID", "") or ds.get("StudyInstanceUID", "") or "unknown"),
+        path=str(path),
+    )
+
+
+def read_folder(
+    folder: str | Path,
+    *,
+    image_size: int = 64,
+    labels_csv: str | Path | None = None,
+    label: str = "view",
+    frame: str | int = "max-contrast",
+) -> tuple[AngioSet, list[tuple[Path, str]]]:
+    """Every usable XA image under ``folder`` (recursively), and each skipped file's reason.
+
+    ``label="view"`` needs a view: from the labels CSV, or from the angles and the artery;
+    ``label="artery"`` needs only the artery. Multi-frame runs contribute one frame, chosen
+    by ``frame`` (see :func:`select_frame`). Images are centre-cropped, resized to
+    ``image_size`` and normalised like the synthetic ones.
+    """
+    if label not in ("view", "artery"):
+        raise ValueError(f"label must be 'view' or 'artery', got {label!r}")
+    if isinstance(frame, str) and frame not in FRAME_CHOICES:
+        raise ValueError(f"frame must be an index or one of {FRAME_CHOICES}, got {frame!r}")
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"DICOM folder {root} does not exist")
+    labels = read_labels_csv(labels_csv) if labels_csv is not None else {}
+    csv_path = Path(labels_csv).resolve() if labels_csv is not None else None
+    records: list[_Record] = []
+    skipped: list[tuple[Path, str]] = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        if path.resolve() == csv_path or path.name.startswith("."):
+            continue
+        result = _read_one(
+            path,
+            path.relative_to(root).as_posix(),
+            labels,
+            image_size=image_size,
+            label=label,
+            frame=frame,
+        )
+        if isinstance(result, str):
+            skipped.append((path, result))
+        else:
+            records.append(result)
+    scanners = tuple(sorted({r.scanner for r in records}))
+    patients = tuple(sorted({r.patient for r in records}))
+
+    def column(name: str, dtype: type) -> np.ndarray:
+        return np.array([getattr(r, name) for r in records], dtype=dtype)
+
+    data = AngioSet(
+        images=(
+            np.stack([r.image for r in records])
+            if records
+            else np.zeros((0, image_size, image_size), np.float32)
+        ),
+        view=column("view", np.int64),
+        artery=column("artery", np.int64),
+        primary=column("primary", np.float64),
+        secondary=column("secondary", np.float64),
+        sid=column("sid", np.float64),
+        sod=column("sod", np.float64),
+        pixel_spacing=column("spacing", np.float64),
+        scanner=np.array([scanners.index(r.scanner) for r in records], dtype=np.int64),
+        patient=np.array([patients.index(r.patient) for r in records], dtype=np.int64),
+        scanner_names=scanners,
+        patient_ids=patients,
+        paths=tuple(r.path for r in records),
+    )
+    return data, skipped
