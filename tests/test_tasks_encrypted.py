@@ -11,6 +11,7 @@ from federation.experiment import compare_centralised, federation_key, site_data
 SMALL = {
     "mnist": ({"split": "carve", "n_train": 240, "n_test": 60}, "mlp", {"hidden": 16}),
     "wbc": ({"n_samples": 300}, "mlp", {"hidden": 16}),
+    "angio": ({"n_train": 48, "n_test": 16}, "cnn", {}),
 }
 
 
