@@ -88,6 +88,16 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _attack(args: argparse.Namespace) -> int:
+    from federation.attacks import run_attack
+    from federation.config import load_experiment
+
+    report = run_attack(load_experiment(args.config), args.out, max_examples=args.max_examples)
+    for line in report.summary_lines():
+        print(line)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="more-fl", description="Federated deep learning on MORE-encrypted data."
@@ -119,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_data)
+
+    p = sub.add_parser("attack", help="run the known attacks on MORE against an experiment")
+    p.add_argument("--config", type=Path, required=True, help="experiment YAML (configs/*.yaml)")
+    p.add_argument("--out", type=Path, default=None, help="default: <output_dir>/attack")
+    p.add_argument("--max-examples", type=int, default=2000)
+    p.set_defaults(func=_attack)
 
     p = sub.add_parser("bench", help="plaintext vs encrypted training-step time and memory")
     p.add_argument("--quick", action="store_true", help="float32 only, fewer steps (< 1 min)")

@@ -60,8 +60,9 @@ def test_fingerprints_are_stable_and_distinct(a: int, b: int) -> None:
 
 def test_equivalent_keys_share_a_fingerprint(key: MoreKey) -> None:
     # S D encrypts exactly like S for any invertible diagonal D.
-    scaled = MoreKey(key.matrix @ np.diag([-3.0, 0.5]))
+    scaled = MoreKey(key.matrix @ np.diag([-3.0, 0.5]), key.salt)
     assert scaled.fingerprint == key.fingerprint
+    assert MoreKey(key.matrix, bytes(32)).fingerprint != key.fingerprint
 
 
 def _write(path, payload) -> None:
@@ -69,11 +70,12 @@ def _write(path, payload) -> None:
     path.chmod(0o600)
 
 
-def _payload(matrix, fingerprint=None):
+def _payload(matrix, fingerprint=None, salt="ab" * 32):
     return {
         "format": "more-fl-key",
         "version": 1,
         "matrix": [[float(v).hex() for v in row] for row in matrix],
+        "salt": salt,
         "fingerprint": fingerprint,
     }
 
@@ -90,6 +92,7 @@ def _payload(matrix, fingerprint=None):
         (_payload([[1.0, 0.0], [0.0, 1e-3]]), "condition number"),
         (_payload([[float("inf"), 0.0], [0.0, 1.0]]), "finite"),
         (_payload([[1.0, 0.2], [0.1, 1.0]], "0000-0000-0000-0000"), "does not match"),
+        (_payload([[1.0, 0.2], [0.1, 1.0]], salt="00"), "'salt'"),
     ],
 )
 def test_bad_key_files_are_refused_with_the_file_named(tmp_path, content, message) -> None:

@@ -10,10 +10,14 @@ Key file format (JSON, UTF-8, written atomically with mode 0600)::
       "format": "more-fl-key",
       "version": 1,
       "matrix": [["<float.hex>", "<float.hex>"], ["<float.hex>", "<float.hex>"]],
-      "fingerprint": "<fingerprint of the matrix, checked on load>"
+      "salt": "<64 hex digits>",
+      "fingerprint": "<fingerprint of the key, checked on load>"
     }
 
-Entries are stored with ``float.hex`` so a key round-trips bit for bit.
+Entries are stored with ``float.hex`` so a key round-trips bit for bit. The fingerprint is
+``SHA-256(domain, salt, canonical S)``: the secret salt makes it useless for confirming a
+guessed key (without it, an attacker who recovers an equivalent key from one ciphertext,
+see SECURITY.md, could use the public fingerprint to learn which channel holds the data).
 """
 
 from __future__ import annotations
@@ -41,9 +45,11 @@ class KeyFileError(ValueError):
 class MoreKey:
     """A MORE secret key. Its repr shows only the fingerprint, never the matrix."""
 
-    __slots__ = ("_matrix", "_inverse", "_fingerprint")
+    __slots__ = ("_matrix", "_inverse", "_salt", "_fingerprint")
 
-    def __init__(self, matrix: np.ndarray, *, max_cond: float = DEFAULT_MAX_COND) -> None:
+    def __init__(
+        self, matrix: np.ndarray, salt: bytes, *, max_cond: float = DEFAULT_MAX_COND
+    ) -> None:
         m = np.array(matrix, dtype=np.float64)
         if m.shape != (2, 2):
             raise ValueError(f"a MORE key is a 2x2 matrix, got shape {m.shape}")
@@ -61,9 +67,12 @@ class MoreKey:
         m.setflags(write=False)
         inv = np.linalg.inv(m)
         inv.setflags(write=False)
+        if not isinstance(salt, bytes) or len(salt) != 32:
+            raise ValueError("a MORE key needs a 32-byte salt")
         self._matrix = m
         self._inverse = inv
-        self._fingerprint = _fingerprint(m)
+        self._salt = salt
+        self._fingerprint = _fingerprint(m, salt)
 
     @property
     def matrix(self) -> np.ndarray:
@@ -74,6 +83,11 @@ class MoreKey:
     def inverse(self) -> np.ndarray:
         """``S^-1`` (read-only)."""
         return self._inverse
+
+    @property
+    def salt(self) -> bytes:
+        """Secret salt of the fingerprint (part of the key)."""
+        return self._salt
 
     @property
     def fingerprint(self) -> str:
@@ -100,8 +114,8 @@ def _canonical(matrix: np.ndarray) -> np.ndarray:
     return np.round(cols, 10) + 0.0  # + 0.0 turns -0.0 into 0.0
 
 
-def _fingerprint(matrix: np.ndarray) -> str:
-    digest = hashlib.sha256(_FINGERPRINT_DOMAIN + _canonical(matrix).tobytes()).hexdigest()
+def _fingerprint(matrix: np.ndarray, salt: bytes) -> str:
+    digest = hashlib.sha256(_FINGERPRINT_DOMAIN + salt + _canonical(matrix).tobytes()).hexdigest()
     return "-".join(digest[i : i + 4] for i in range(0, 16, 4))
 
 
@@ -122,7 +136,8 @@ def generate_key(seed: int | None = None, *, max_cond: float = DEFAULT_MAX_COND)
         return np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
 
     matrix = scale * rot(a) @ np.diag([1.0, sign / cond]) @ rot(b)
-    return MoreKey(matrix, max_cond=max_cond)
+    salt = rng.bytes(32) if seed is not None else secrets.token_bytes(32)
+    return MoreKey(matrix, salt, max_cond=max_cond)
 
 
 def save_key(key: MoreKey, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
@@ -134,6 +149,7 @@ def save_key(key: MoreKey, path: str | os.PathLike[str], *, overwrite: bool = Fa
         "format": KEY_FORMAT,
         "version": KEY_VERSION,
         "matrix": [[float(v).hex() for v in row] for row in key.matrix],
+        "salt": key.salt.hex(),
         "fingerprint": key.fingerprint,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -187,7 +203,13 @@ def load_key(path: str | os.PathLike[str], *, max_cond: float = DEFAULT_MAX_COND
             f"key file {path}: 'matrix' must be 2 rows of 2 hex floats ({exc})"
         ) from None
     try:
-        key = MoreKey(matrix, max_cond=max_cond)
+        salt = bytes.fromhex(payload.get("salt", ""))
+    except (TypeError, ValueError):
+        salt = b""
+    if len(salt) != 32:
+        raise KeyFileError(f"key file {path}: 'salt' must be 64 hex digits")
+    try:
+        key = MoreKey(matrix, salt, max_cond=max_cond)
     except ValueError as exc:
         raise KeyFileError(f"key file {path}: {exc}") from None
     if payload.get("fingerprint") != key.fingerprint:
