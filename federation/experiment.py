@@ -159,17 +159,24 @@ def train_centralised(
     key: MoreKey | None = None,
     epochs: int | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    perturb: float = 0.0,
 ) -> CentralResult:
     """Train on the whole task (plaintext, or encrypted under ``key``) and evaluate each epoch.
 
     Evaluation of the encrypted model runs encrypted inference and decrypts the predictions
     only, as a site does. Epochs default to rounds x local epochs of the experiment.
+    ``perturb`` scales the initial weights by ``1 + perturb``: a plaintext control run that
+    measures how much the training itself amplifies round-off.
     """
     data = load_data(config)
     dtype, loss = dtype_of(config), loss_of(data)
     t = config.training
     epochs = epochs or t.rounds * t.local_epochs
     plain = initial_model(config)
+    if perturb:
+        with torch.no_grad():
+            for p in plain.parameters():
+                p.mul_(1.0 + perturb)
     result = CentralResult("encrypted" if encrypted else "plaintext")
     start = time.perf_counter()
 
@@ -243,6 +250,10 @@ class SideBySide:
     encrypted: CentralResult
     param_abs: float
     param_rel: float
+    control_abs: float
+    """Deviation of a plaintext run whose initial weights moved by one ulp: how chaotic the
+    training itself is. Encrypted-vs-plaintext deviations at this level are round-off
+    amplified by the training, not an encryption error."""
 
 
 def compare_centralised(
@@ -263,8 +274,17 @@ def compare_centralised(
     enc = train_centralised(
         config, encrypted=True, key=key, epochs=epochs, on_epoch=hook("encrypted")
     )
-    assert plain.model is not None and enc.model is not None
-    ps, es = plain.model.state_dict(), enc.model.state_dict()
-    diff = max(float((es[k].double() - v.double()).abs().max()) for k, v in ps.items())
+    eps = torch.finfo(dtype_of(config)).eps
+    control = train_centralised(config, encrypted=False, epochs=epochs, perturb=eps)
+    assert plain.model is not None and enc.model is not None and control.model is not None
+    dev_abs, dev_rel = _weight_deviation(plain.model, enc.model)
+    return SideBySide(
+        plain, enc, dev_abs, dev_rel, _weight_deviation(plain.model, control.model)[0]
+    )
+
+
+def _weight_deviation(reference: nn.Module, other: nn.Module) -> tuple[float, float]:
+    ps, os_ = reference.state_dict(), other.state_dict()
+    diff = max(float((os_[k].double() - v.double()).abs().max()) for k, v in ps.items())
     scale = max(float(v.double().abs().max()) for v in ps.values())
-    return SideBySide(plain, enc, diff, diff / max(scale, 1e-30))
+    return diff, diff / max(scale, 1e-30)
