@@ -9,13 +9,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from federation.atomic import atomic_write_bytes
 from federation.config import ExperimentConfig
 from federation.experiment import initial_model, train_centralised
 from federation.nn.convert import encode_state_dict
@@ -95,20 +95,6 @@ class Checkpoint:
     history: list[dict]
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class RunStore:
     """A run directory: ``checkpoint.npz`` (global model + state) and ``history.json``.
 
@@ -134,8 +120,8 @@ class RunStore:
         np.savez(
             buf, __meta__=np.array(json.dumps(meta)), **{f"a/{k}": v for k, v in arrays.items()}
         )
-        _atomic_write(self.directory / self.CHECKPOINT, buf.getvalue())
-        _atomic_write(self.directory / self.HISTORY, json.dumps(history, indent=2).encode())
+        atomic_write_bytes(self.directory / self.CHECKPOINT, buf.getvalue())
+        atomic_write_bytes(self.directory / self.HISTORY, json.dumps(history, indent=2).encode())
 
     def load_latest(self) -> Checkpoint | None:
         path = self.directory / self.CHECKPOINT

@@ -23,8 +23,6 @@ the attack afterwards, never inside an attack.
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -36,6 +34,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from federation.aggregation import initial_arrays
+from federation.atomic import atomic_write_bytes
 from federation.config import ExperimentConfig
 from federation.experiment import (
     dtype_of,
@@ -611,10 +610,10 @@ def run_attack(
     feature_key = (f_basis, _known_pair(features.entries, features.truth, f_basis, rng))
     results = tuple(_score(t, feature_key, rng) for t in attacked)
     figures = [out / RECOVERY_PNG]
-    _atomic_write(figures[0], _plot_recovery(attacked, results))
+    atomic_write_bytes(figures[0], _plot_recovery(attacked, results))
     if features.truth.ndim >= 3:
         figures.append(out / IMAGES_PNG)
-        _atomic_write(figures[1], _plot_images(features))
+        atomic_write_bytes(figures[1], _plot_images(features))
     report = AttackReport(
         experiment=config.name,
         task=config.task.name,
@@ -629,24 +628,11 @@ def run_attack(
         figures=tuple(figures),
         seconds=time.perf_counter() - start,
     )
-    _atomic_write(report.report, _markdown(config, report).encode())
+    atomic_write_bytes(report.report, _markdown(config, report).encode())
     return report
 
 
 # --- report files ---------------------------------------------------------------------------
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Temp file in the same directory, then ``os.replace``: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _png(fig: Figure) -> bytes:

@@ -26,11 +26,12 @@ import hashlib
 import json
 import os
 import secrets
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
+
+from federation.atomic import atomic_write_bytes
 
 KEY_FORMAT = "more-fl-key"
 KEY_VERSION = 1
@@ -152,19 +153,8 @@ def save_key(key: MoreKey, path: str | os.PathLike[str], *, overwrite: bool = Fa
         "salt": key.salt.hex(),
         "fingerprint": key.fingerprint,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=2)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = json.dumps(payload, indent=2) + "\n"
+    atomic_write_bytes(path, text.encode("utf-8"), mode=0o600)
     return path
 
 

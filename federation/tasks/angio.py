@@ -21,9 +21,6 @@ few Gaussian scale layers, and the smooth anatomy uses analytic ray-ellipsoid ch
 from __future__ import annotations
 
 import math
-import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -31,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from federation.atomic import atomic_write
 from federation.tasks.base import TaskData, iid_partition
 
 ARTERIES: tuple[str, ...] = ("LCA", "RCA")
@@ -183,26 +181,6 @@ class AngioSet:
         rows = {name: getattr(self, name)[idx] for name in _ROW_FIELDS}
         paths = tuple(self.paths[i] for i in idx) if self.paths else ()
         return replace(self, **rows, paths=paths)
-
-
-def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
-    """Let ``write`` fill a temporary file beside ``path``, then move it into place.
-
-    Readers never see a half-written file (a crashed export leaves no truncated image); the
-    file gets ordinary 0644 permissions rather than mkstemp's private 0600.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def normalize_image(images: np.ndarray) -> np.ndarray:
@@ -1067,4 +1045,4 @@ def save_preview(
         axes[view, 0].set_ylabel(name, fontsize=8)
     fig.suptitle("Synthetic coronary angiograms by view", fontsize=10)
     fig.tight_layout()
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    return atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100))

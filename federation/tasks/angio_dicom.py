@@ -31,13 +31,13 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from federation.atomic import atomic_write
 from federation.tasks.angio import (
     ARTERIES,
     VIEW_BOXES,
     VIEW_CLASSES,
     AngioSet,
     angle_name,
-    atomic_write,
     generate,
     normalize_image,
     view_class,
@@ -134,7 +134,7 @@ def write_xa(
         ds.FrameIncrementPointer = Tag("FrameTime")
     ds.PixelData = stored.astype("<u2").tobytes()
 
-    return atomic_write(path, lambda tmp: ds.save_as(tmp, enforce_file_format=True))
+    return atomic_write(path, lambda fh: ds.save_as(fh, enforce_file_format=True))
 
 
 def export_synthetic(

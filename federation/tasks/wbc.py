@@ -16,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -28,6 +26,7 @@ import torch
 from rich.progress import Progress
 from torch import nn
 
+from federation.atomic import atomic_write
 from federation.tasks.base import TaskData, iid_partition
 
 # Bump whenever the model, its parameters or the generator change: it keys the disk cache.
@@ -373,24 +372,19 @@ def _load_cached(path: Path, key: str) -> WbcDataset | None:
 
 
 def _save_atomic(path: Path, key: str, data: WbcDataset) -> None:
-    """Write via a temporary file and os.replace, so readers never see a partial cache."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(
-                f,
-                key=np.array(key),
-                input_names=np.array(data.input_names),
-                inputs=data.inputs,
-                outputs=data.outputs,
-                n_simulated=np.array(data.n_simulated),
-                n_rejected=np.array(data.n_rejected),
-            )
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write the cache atomically, so readers never see a partial file."""
+    atomic_write(
+        path,
+        lambda fh: np.savez(
+            fh,
+            key=np.array(key),
+            input_names=np.array(data.input_names),
+            inputs=data.inputs,
+            outputs=data.outputs,
+            n_simulated=np.array(data.n_simulated),
+            n_rejected=np.array(data.n_rejected),
+        ),
+    )
 
 
 def generate_dataset(
