@@ -102,6 +102,18 @@ def _attack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _deploy(args: argparse.Namespace) -> int:
+    from federation.deploy import cli_deploy
+
+    return cli_deploy(args.config)
+
+
+def _site(args: argparse.Namespace) -> int:
+    from federation.deploy import cli_site
+
+    return cli_site(args.config, args.site, print_only=args.print_only)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="more-fl", description="Federated deep learning on MORE-encrypted data."
@@ -133,6 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_data)
+
+    p = sub.add_parser("deploy", help="run a whole federation on this machine (SuperLink + sites)")
+    p.add_argument("config", type=Path, help="deployment YAML (configs/deployments/*.yaml)")
+    p.set_defaults(func=_deploy)
+
+    p = sub.add_parser("site", help="the command a hospital runs to join a deployed federation")
+    p.add_argument("--config", type=Path, required=True, help="deployment YAML")
+    p.add_argument("--site", required=True, help="this site's name in the deployment")
+    p.add_argument("--print", dest="print_only", action="store_true", help="only print it")
+    p.set_defaults(func=_site)
 
     p = sub.add_parser("attack", help="run the known attacks on MORE against an experiment")
     p.add_argument("--config", type=Path, required=True, help="experiment YAML (configs/*.yaml)")

@@ -353,7 +353,6 @@ class DeploymentConfig:
     sites: tuple[DeploySite, ...]
     work_dir: Path
     output_dir: Path | None = None
-    baseline: bool = False
     round_timeout: float = 600.0
     timeout: float = 3600.0
     source: str = "<dict>"
@@ -366,6 +365,22 @@ class DeploymentConfig:
         raise ConfigError(f"{self.source}: no site named {name!r} (sites: {names})")
 
 
+def _text(r: _Reader, name: str, default: Any = ...) -> str:
+    """A string that may be defaulted but not nulled."""
+    v = r.string(name, default)
+    if v is None:
+        raise r.fail(name, "a non-empty string", v)
+    return v
+
+
+def _location(r: _Reader, name: str, base: Path, default: Any = ...) -> Path:
+    """A path that may be defaulted but not nulled."""
+    v = r.path(name, base, default)
+    if v is None:
+        raise r.fail(name, "a path", None)
+    return v
+
+
 def _port(r: _Reader, name: str, default: Any = ...) -> int:
     v = r.integer(name, default, minimum=1)
     if v > 65535:
@@ -376,12 +391,11 @@ def _port(r: _Reader, name: str, default: Any = ...) -> int:
 def deployment_from_dict(data: Any, *, source: str = "<dict>", base: Path) -> DeploymentConfig:
     """Validate a parsed deployment mapping; relative paths resolve against ``base``."""
     top = _Reader(source, "", data)
-    experiment = top.path("experiment", base, ...)
-    work_dir = top.path("work_dir", base, "runs/deploy")
-    assert experiment is not None and work_dir is not None
+    experiment = _location(top, "experiment", base)
+    work_dir = _location(top, "work_dir", base, "runs/deploy")
 
     sl = top.child("superlink")
-    host = sl.string("host", "127.0.0.1")
+    host = _text(sl, "host", "127.0.0.1")
     port = _port(sl, "port", 9092)
     sl.done()
 
@@ -408,7 +422,7 @@ def deployment_from_dict(data: Any, *, source: str = "<dict>", base: Path) -> De
         s = _Reader(source, f"sites[{i}]", item)
         sites.append(
             DeploySite(
-                name=str(s.string("name", f"site-{i}")),
+                name=_text(s, "name", f"site-{i}"),
                 site_id=s.integer("id", i),
                 port=_port(s, "port", port + 1 + i),
                 data_dir=s.path("data_dir", base),
@@ -425,14 +439,13 @@ def deployment_from_dict(data: Any, *, source: str = "<dict>", base: Path) -> De
 
     r = top.child("run")
     output_dir = r.path("output_dir", base)
-    baseline = r.boolean("baseline", False)
     round_timeout = r.number("round_timeout", 600.0, strict=True)
     timeout = r.number("timeout", 3600.0, strict=True)
     r.done()
     top.done()
     return DeploymentConfig(
         experiment=experiment,
-        host=str(host),
+        host=host,
         port=port,
         tls=tls,
         node_auth=node_auth,
@@ -440,7 +453,6 @@ def deployment_from_dict(data: Any, *, source: str = "<dict>", base: Path) -> De
         sites=tuple(sites),
         work_dir=work_dir,
         output_dir=output_dir,
-        baseline=baseline,
         round_timeout=round_timeout,
         timeout=timeout,
         source=source,

@@ -1,0 +1,1 @@
+"""The aggregator side of the federation: the Flower ServerApp and the encrypted FedAvg strategy."""

@@ -1,0 +1,348 @@
+"""Encrypted FedAvg: Flower's FedAvg with every reply validated before it is averaged.
+
+The aggregator never holds the key. Averaging ciphertexts is exact (the weighted average of
+ciphertexts is a ciphertext of the weighted average), so the strategy only has to make sure
+that it averages *compatible* ciphertexts: the expected arrays with the expected shapes,
+finite, and all under one key. Sites prove the key by its fingerprint; the federation's
+fingerprint is fixed by the majority of the first aggregated round (then kept in the
+checkpoint) and any reply under another key is refused with a logged reason.
+
+Flower's ``FedAvg`` does the sampling and message construction; this class adds a join
+grace period, the mode, and replaces both aggregations. :func:`run_rounds` is the round
+loop (``Strategy.start`` cannot resume from a checkpoint nor stop on a failed round).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from federation import protocol
+from federation.aggregation import InvalidUpdate, RunStore, fedavg, validate_update
+
+
+class RoundFailedError(RuntimeError):
+    """Fewer than ``min_sites`` valid updates arrived: the round cannot be aggregated."""
+
+
+@dataclass
+class SiteReply:
+    """One site's reply as plain values (``arrays`` empty for an evaluation)."""
+
+    node: int
+    site: int
+    arrays: dict[str, np.ndarray]
+    num_examples: int
+    fingerprint: str | None
+    metrics: dict[str, float]
+
+
+@dataclass
+class RoundLog:
+    """What happened to the replies of one round (kept for the history and the report)."""
+
+    accepted: list[int] = field(default_factory=list)
+    refused: list[dict[str, object]] = field(default_factory=list)
+
+    def refuse(self, node: int, reason: str, stage: str) -> None:
+        log(WARNING, "%s: refused reply of node %s: %s", stage, node, reason)
+        self.refused.append({"node": node, "stage": stage, "reason": reason})
+
+
+def _unpack(msg: Message, node: int, *, with_arrays: bool) -> SiteReply:
+    """A reply's content as plain values; InvalidUpdate for an error or a malformed reply."""
+    if msg.has_error():
+        raise InvalidUpdate(f"the site replied with an error: {msg.error.reason}")
+    try:
+        content = msg.content
+        metrics = dict(content[protocol.METRICS])
+        identity = content[protocol.SITE]
+        num_examples = metrics.pop(protocol.NUM_EXAMPLES)
+        arrays = {k: a.numpy() for k, a in content[protocol.ARRAYS].items()} if with_arrays else {}
+        fingerprint = identity.get(protocol.FINGERPRINT)
+        site = int(identity.get(protocol.SITE_ID, -1))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidUpdate(f"malformed reply ({type(exc).__name__}: {exc})") from None
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
+        raise InvalidUpdate(f"num-examples must be a positive integer, got {num_examples!r}")
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in metrics.values()):
+        raise InvalidUpdate("malformed reply: metrics must be finite numbers")
+    values = {k: float(v) for k, v in metrics.items()}
+    return SiteReply(node, site, arrays, num_examples, fingerprint, values)
+
+
+def weighted_metrics(updates: list[SiteReply]) -> dict[str, float]:
+    """Example-weighted mean of the metrics every update reports."""
+    total = sum(u.num_examples for u in updates)
+    names = set.intersection(*(set(u.metrics) for u in updates)) if updates else set()
+    return {
+        name: sum(u.metrics[name] * u.num_examples for u in updates) / total
+        for name in sorted(names)
+    }
+
+
+class EncryptedFedAvg(FedAvg):
+    """FedAvg over all connected sites that refuses any reply it cannot safely average.
+
+    ``expected``: names and shapes of the model arrays; ``fingerprint``: the federation's key
+    fingerprint when already known (a resumed run), else fixed by the first aggregated round.
+    ``join_timeout``: how long the first round waits for all ``num_sites`` sites to be
+    connected before it starts with the ``min_sites`` that are (later rounds do not wait
+    for a site that dropped out).
+    """
+
+    def __init__(
+        self,
+        *,
+        expected: Mapping[str, tuple[int, ...]],
+        encrypted: bool,
+        num_sites: int,
+        min_sites: int,
+        fingerprint: str | None = None,
+        join_timeout: float = 60.0,
+    ) -> None:
+        super().__init__(
+            fraction_train=1.0,
+            fraction_evaluate=1.0,
+            min_train_nodes=min_sites,
+            min_evaluate_nodes=min_sites,
+            min_available_nodes=min_sites,
+            weighted_by_key=protocol.NUM_EXAMPLES,
+            arrayrecord_key=protocol.ARRAYS,
+            configrecord_key=protocol.CONFIG,
+        )
+        self.expected = dict(expected)
+        self.encrypted = encrypted
+        self.mode = protocol.MODE_ENCRYPTED if encrypted else protocol.MODE_PLAINTEXT
+        self.num_sites = num_sites
+        self.min_sites = min_sites
+        self.fingerprint = fingerprint
+        self.join_timeout = join_timeout
+        self.joined = False
+        self.rounds: dict[int, RoundLog] = {}
+        self._sent: list[Message] = []
+
+    def summary(self) -> None:
+        super().summary()
+        log(
+            INFO,
+            "\t└──> %s FedAvg: %d sites, %d needed per round, expected key %s",
+            self.mode,
+            self.num_sites,
+            self.min_sites,
+            self.fingerprint or "(first round)",
+        )
+
+    def _await_sites(self, grid: Grid) -> None:
+        """Give late sites ``join_timeout`` seconds before the first round starts."""
+        deadline = time.monotonic() + self.join_timeout
+        while not self.joined and len(list(grid.get_node_ids())) < self.num_sites:
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.5)
+        self.joined = True
+
+    def _settings(self, config: ConfigRecord) -> ConfigRecord:
+        """The mode, and the federation's fingerprint once known (a site under another key
+        can then refuse at once instead of training on ciphertexts it cannot read)."""
+        config[protocol.MODE] = self.mode
+        if self.fingerprint is not None:
+            config[protocol.FINGERPRINT] = self.fingerprint
+        return config
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._await_sites(grid)
+        sent = super().configure_train(server_round, arrays, self._settings(config), grid)
+        self._sent = list(sent)
+        return self._sent
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        sent = super().configure_evaluate(server_round, arrays, self._settings(config), grid)
+        self._sent = list(sent)
+        return self._sent
+
+    def _by_node(
+        self, replies: Iterable[Message], round_log: RoundLog, stage: str
+    ) -> list[tuple[int, Message]]:
+        """Each reply with the node it answers for (the SuperLink itself signs the error
+        reply of a node that went offline), and a refusal for every message unanswered."""
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
+        pairs = []
+        for msg in replies:
+            origin = msg.metadata.reply_to_message_id
+            pairs.append((sent.pop(origin, msg.metadata.src_node_id), msg))
+        for node in sent.values():
+            round_log.refuse(node, "no reply within the round timeout", stage)
+        return pairs
+
+    def _agreed_fingerprint(self, updates: list[SiteReply], round_log: RoundLog) -> str | None:
+        """The federation's key: kept if known, else the strict majority of this round."""
+        if self.fingerprint is not None or not self.encrypted or not updates:
+            return self.fingerprint
+        counts = Counter(u.fingerprint for u in updates).most_common()
+        if len(counts) > 1 and counts[0][1] == counts[1][1]:
+            for u in updates:
+                round_log.refuse(
+                    u.node,
+                    f"no majority among key fingerprints {dict(counts)}: sites disagree on "
+                    "the key, so no update can be trusted",
+                    "train",
+                )
+            updates.clear()
+            return None
+        return counts[0][0]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate every reply, then FedAvg the valid ones if there are ``min_sites``."""
+        round_log = self.rounds.setdefault(server_round, RoundLog())
+        candidates: list[SiteReply] = []
+        for node, msg in self._by_node(replies, round_log, "train"):
+            try:
+                update = _unpack(msg, node, with_arrays=True)
+                validate_update(
+                    update.arrays,
+                    update.num_examples,
+                    update.fingerprint,
+                    expected=self.expected,
+                    federation_fingerprint=self.fingerprint,
+                    encrypted=self.encrypted,
+                )
+            except InvalidUpdate as exc:
+                round_log.refuse(node, str(exc), "train")
+                continue
+            candidates.append(update)
+        fingerprint = self._agreed_fingerprint(candidates, round_log)
+        valid = []
+        for u in candidates:
+            if self.encrypted and u.fingerprint != fingerprint:
+                round_log.refuse(
+                    u.node,
+                    f"key fingerprint {u.fingerprint} differs from the federation's "
+                    f"{fingerprint}: updates under different keys average to garbage",
+                    "train",
+                )
+            else:
+                valid.append(u)
+        round_log.accepted = [u.node for u in valid]
+        log(
+            INFO,
+            "aggregate_train: %d valid updates, %d refused (need %d)",
+            len(valid),
+            len(round_log.refused),
+            self.min_sites,
+        )
+        if len(valid) < self.min_sites:
+            return None, None
+        self.fingerprint = fingerprint
+        # A fixed order (by site) makes the floating-point sum, so a resumed or repeated
+        # run, bit-for-bit reproducible whatever order the replies arrived in.
+        valid.sort(key=lambda u: (u.site, u.node))
+        averaged = fedavg([(u.arrays, u.num_examples) for u in valid])
+        arrays = ArrayRecord({k: Array(averaged[k]) for k in self.expected})
+        return arrays, MetricRecord(weighted_metrics(valid))
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Example-weighted test metrics of the sites that answered under the federation's
+        key (metrics computed under another key are meaningless)."""
+        round_log = self.rounds.setdefault(server_round, RoundLog())
+        results = []
+        for node, msg in self._by_node(replies, round_log, "evaluate"):
+            try:
+                result = _unpack(msg, node, with_arrays=False)
+                if self.encrypted and result.fingerprint != self.fingerprint:
+                    raise InvalidUpdate(
+                        f"key fingerprint {result.fingerprint} differs from the federation's "
+                        f"{self.fingerprint}"
+                    )
+            except InvalidUpdate as exc:
+                round_log.refuse(node, str(exc), "evaluate")
+                continue
+            results.append(result)
+        results.sort(key=lambda u: (u.site, u.node))
+        return MetricRecord(weighted_metrics(results)) if results else None
+
+
+def run_rounds(
+    strategy: EncryptedFedAvg,
+    grid: Grid,
+    store: RunStore,
+    *,
+    initial: dict[str, np.ndarray],
+    num_rounds: int,
+    round_timeout: float,
+    resume: bool = True,
+) -> list[dict]:
+    """Run rounds until ``num_rounds``, checkpointing each; resumes after the last
+    checkpointed round. Raises :class:`RoundFailedError` when a round cannot be aggregated
+    (the checkpoint keeps every completed round)."""
+    checkpoint = store.load_latest() if resume else None
+    if checkpoint is not None:
+        if set(checkpoint.arrays) != set(strategy.expected) or any(
+            tuple(checkpoint.arrays[k].shape) != tuple(s) for k, s in strategy.expected.items()
+        ):
+            raise ValueError(
+                f"{store.directory}: the checkpoint holds another model than this experiment's; "
+                "move it away or run with resume=false"
+            )
+        arrays, history = checkpoint.arrays, list(checkpoint.history)
+        strategy.fingerprint = checkpoint.fingerprint
+        first = checkpoint.server_round + 1
+        log(
+            INFO,
+            "resuming %s after round %d from %s",
+            strategy.mode,
+            checkpoint.server_round,
+            store.directory,
+        )
+    else:
+        arrays, history, first = initial, [], 1
+    for server_round in range(first, num_rounds + 1):
+        log(INFO, "[%s ROUND %d/%d]", strategy.mode.upper(), server_round, num_rounds)
+        start = time.perf_counter()
+        record = ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
+        sent = list(strategy.configure_train(server_round, record, ConfigRecord(), grid))
+        replies = list(grid.send_and_receive(sent, timeout=round_timeout))
+        aggregated, train_metrics = strategy.aggregate_train(server_round, replies)
+        round_log = strategy.rounds[server_round]
+        if aggregated is None:
+            reasons = "; ".join(f"node {r['node']}: {r['reason']}" for r in round_log.refused)
+            raise RoundFailedError(
+                f"{strategy.mode} round {server_round}: {len(round_log.accepted)} valid "
+                f"updates, {strategy.min_sites} needed ({reasons})"
+            )
+        arrays = {k: a.numpy() for k, a in aggregated.items()}
+        sent = list(strategy.configure_evaluate(server_round, aggregated, ConfigRecord(), grid))
+        replies = list(grid.send_and_receive(sent, timeout=round_timeout))
+        evaluation = strategy.aggregate_evaluate(server_round, replies)
+        history.append(
+            {
+                "round": server_round,
+                "train": dict(train_metrics or {}),
+                "evaluate": dict(evaluation or {}),
+                "sites": len(round_log.accepted),
+                "refused": round_log.refused,
+                "seconds": time.perf_counter() - start,
+            }
+        )
+        store.save_round(server_round, arrays, strategy.fingerprint, history)
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in list((evaluation or {}).items())[:4])
+        log(INFO, "round %d: %d sites; test %s", server_round, len(round_log.accepted), shown)
+    return history

@@ -1,0 +1,57 @@
+"""Every name shared by the site (ClientApp) and the aggregator (ServerApp), and nothing else.
+
+One place, so a renamed key cannot silently break the wire format between the two sides.
+
+Train message (aggregator -> site), ``RecordDict``::
+
+    ARRAYS: ArrayRecord   the global model (ciphertexts [..., 2, 2] or plain weights)
+    CONFIG: ConfigRecord  {SERVER_ROUND: int, MODE: MODE_ENCRYPTED | MODE_PLAINTEXT,
+                           FINGERPRINT: str (the federation's key, once it is known)}
+
+Train reply (site -> aggregator)::
+
+    ARRAYS:  ArrayRecord   the site's update (same names and shapes as the global model)
+    METRICS: MetricRecord  {NUM_EXAMPLES: int, <site metrics>...}
+    SITE:    ConfigRecord  {SITE_ID: int, FINGERPRINT: str (encrypted mode only)}
+
+Evaluate message: as train. Evaluate reply: METRICS and SITE only (no arrays).
+A site that cannot or will not reply with an update answers with an ``Error`` instead.
+"""
+
+from __future__ import annotations
+
+# Record names inside a message's RecordDict.
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+SITE = "site"
+
+# ConfigRecord entries sent to sites (FINGERPRINT below too, once the federation's is known).
+SERVER_ROUND = "server-round"
+MODE = "mode"
+MODE_ENCRYPTED = "encrypted"
+MODE_PLAINTEXT = "plaintext"
+MODES = (MODE_ENCRYPTED, MODE_PLAINTEXT)
+
+# MetricRecord / ConfigRecord entries sent back by sites.
+NUM_EXAMPLES = "num-examples"
+FINGERPRINT = "fingerprint"
+SITE_ID = "site-id"
+
+# Node config (``flower-supernode --node-config``): which site a SuperNode is, and its own
+# data and key (site-local paths override the experiment's). Simulation sets PARTITION_ID.
+NODE_SITE_ID = "site-id"
+NODE_DATA_DIR = "data-dir"
+NODE_KEY_FILE = "key-file"
+NODE_PARTITION_ID = "partition-id"
+NODE_NUM_PARTITIONS = "num-partitions"
+
+# Run config (``[tool.flwr.app.config]`` in pyproject.toml, ``flwr run --run-config``).
+RUN_EXPERIMENT = "experiment"
+RUN_PROJECT_DIR = "project-dir"
+RUN_OUTPUT_DIR = "output-dir"
+RUN_BASELINE = "baseline"
+RUN_CENTRALISED = "centralised"
+RUN_RESUME = "resume"
+RUN_ROUND_TIMEOUT = "round-timeout"
+RUN_JOIN_TIMEOUT = "join-timeout"

@@ -1,0 +1,1 @@
+"""The hospital side of the federation: the Flower ClientApp."""

@@ -1,0 +1,185 @@
+"""The hospital's Flower ClientApp: unpack a message, run the site's work, pack the reply.
+
+All the work is :class:`federation.site.Site`'s; this module only translates between Flower
+records and the library. A ``Site`` is built once per (experiment, site, mode, local paths)
+and cached for the life of the process: in simulation the process lives for the whole run, so
+the data is encrypted once; a deployed SuperNode starts a fresh ClientApp process per message
+and rebuilds it (the encryption is seeded, so the ciphertexts are the same every round).
+
+Any failure, a :class:`~federation.site.SiteError` (e.g. a diverged shadow channel) or
+anything else, becomes an ``Error`` reply with a one-line reason: the update is never sent,
+and the traceback stays in the site's own log.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import replace
+from logging import ERROR
+from pathlib import Path
+
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.clientapp import ClientApp
+from flwr.common import log
+from flwr.common.constant import ErrorCode
+
+from federation import protocol
+from federation.config import ExperimentConfig, find_experiment, load_experiment
+from federation.site import Site, SiteError
+
+APP_DIR = Path(__file__).resolve().parents[1]
+"""The app's root: the project checkout, or the copy Flower installed from the FAB."""
+
+app = ClientApp()
+
+_SITES: dict[tuple[str, int, str, str, str], Site] = {}
+
+
+@functools.lru_cache(maxsize=8)
+def _experiment(path: Path) -> ExperimentConfig:
+    return load_experiment(path)
+
+
+def _experiment_path(run_config: dict) -> Path:
+    """The run's experiment file: in this host's project checkout if it has one (run config
+    ``project-dir``, else the working directory), else in the installed app."""
+    return find_experiment(
+        str(run_config[protocol.RUN_EXPERIMENT]),
+        project_dir=str(run_config.get(protocol.RUN_PROJECT_DIR, "")),
+        app_dir=APP_DIR,
+    )
+
+
+def site_identity(node_config: dict, config: ExperimentConfig) -> tuple[int, bool]:
+    """``(site id, simulated)`` from the node config: ``site-id`` on a deployed SuperNode,
+    ``partition-id`` in simulation (where the node count must equal ``sites.count``)."""
+    if protocol.NODE_SITE_ID in node_config:
+        return int(node_config[protocol.NODE_SITE_ID]), False
+    if protocol.NODE_PARTITION_ID in node_config:
+        partitions = int(node_config.get(protocol.NODE_NUM_PARTITIONS, config.sites.count))
+        if partitions != config.sites.count:
+            raise SiteError(
+                f"the simulation has {partitions} nodes but experiment {config.name!r} has "
+                f"{config.sites.count} sites: run with --federation-config "
+                f"'num-supernodes={config.sites.count}'"
+            )
+        return int(node_config[protocol.NODE_PARTITION_ID]), True
+    raise SiteError(
+        f"the node config names no site: start the SuperNode with "
+        f"--node-config '{protocol.NODE_SITE_ID}=<0..{config.sites.count - 1}>'"
+    )
+
+
+def site_config(config: ExperimentConfig, node_config: dict, mode: str) -> ExperimentConfig:
+    """The experiment as this site runs it: its own data directory and key file (node config)
+    override the experiment's, and ``mode`` picks encrypted or the plaintext baseline."""
+    task, encryption = config.task, config.encryption
+    if node_config.get(protocol.NODE_DATA_DIR):
+        data_dir = Path(str(node_config[protocol.NODE_DATA_DIR])).expanduser()
+        task = replace(task, data_dir=data_dir)
+    if node_config.get(protocol.NODE_KEY_FILE):
+        key_file = Path(str(node_config[protocol.NODE_KEY_FILE])).expanduser()
+        encryption = replace(encryption, key_file=key_file)
+    federation = replace(config.federation, encrypted=mode == protocol.MODE_ENCRYPTED)
+    return replace(config, task=task, encryption=encryption, federation=federation)
+
+
+def _site(msg: Message, context: Context) -> tuple[Site, int]:
+    """The cached Site this message is for, and the server round."""
+    path = _experiment_path(context.run_config)
+    config = _experiment(path)
+    site_id, simulated = site_identity(context.node_config, config)
+    settings = msg.content[protocol.CONFIG]
+    mode = str(settings[protocol.MODE])
+    if mode not in protocol.MODES:
+        raise SiteError(f"unknown mode {mode!r}; expected one of {', '.join(protocol.MODES)}")
+    if mode == protocol.MODE_PLAINTEXT and config.federation.encrypted and not simulated:
+        raise SiteError(
+            f"site {site_id} refuses to send plaintext updates: experiment {config.name!r} is "
+            "encrypted (the plaintext baseline runs in simulation only)"
+        )
+    node = context.node_config
+    cache_key = (
+        str(path),
+        site_id,
+        mode,
+        str(node.get(protocol.NODE_DATA_DIR, "")),
+        str(node.get(protocol.NODE_KEY_FILE, "")),
+    )
+    if cache_key not in _SITES:
+        _SITES[cache_key] = Site.for_node(site_config(config, node, mode), site_id)
+    site = _SITES[cache_key]
+    expected = settings.get(protocol.FINGERPRINT)
+    if expected is not None and site.fingerprint != expected:
+        raise SiteError(
+            f"site {site_id} holds key {site.fingerprint}, the federation uses {expected}: "
+            "check this site's key file"
+        )
+    return site, int(settings[protocol.SERVER_ROUND])
+
+
+def _identity(site_id: int, fingerprint: str | None) -> ConfigRecord:
+    record = ConfigRecord({protocol.SITE_ID: site_id})
+    if fingerprint is not None:
+        record[protocol.FINGERPRINT] = fingerprint
+    return record
+
+
+def _metrics(num_examples: int, metrics: dict[str, float]) -> MetricRecord:
+    return MetricRecord({protocol.NUM_EXAMPLES: num_examples, **metrics})
+
+
+def _arrays(msg: Message) -> dict:
+    return {name: a.numpy() for name, a in msg.content[protocol.ARRAYS].items()}
+
+
+def _error_reply(msg: Message, context: Context, exc: Exception) -> Message:
+    node = context.node_config
+    where = node.get(protocol.NODE_SITE_ID, node.get(protocol.NODE_PARTITION_ID))
+    log(ERROR, "site %s: %s failed", where, msg.metadata.message_type, exc_info=exc)
+    reason = f"{type(exc).__name__}: {exc}"
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local training on the site's encrypted data; replies with the encrypted update."""
+    try:
+        site, server_round = _site(msg, context)
+        update = site.train(_arrays(msg), server_round)
+    except Exception as exc:  # every failure is an error reply, never a partial update
+        return _error_reply(msg, context, exc)
+    content = RecordDict(
+        {
+            protocol.ARRAYS: ArrayRecord({k: Array(v) for k, v in update.arrays.items()}),
+            protocol.METRICS: _metrics(update.num_examples, update.metrics),
+            protocol.SITE: _identity(site.site_id, update.fingerprint),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Test metrics of the global model on the site's test split (only metrics leave)."""
+    try:
+        site, server_round = _site(msg, context)
+        result = site.evaluate(_arrays(msg), server_round)
+    except Exception as exc:  # same contract as train
+        return _error_reply(msg, context, exc)
+    content = RecordDict(
+        {
+            protocol.METRICS: _metrics(result.num_examples, result.metrics),
+            protocol.SITE: _identity(site.site_id, site.fingerprint),
+        }
+    )
+    return Message(content, reply_to=msg)

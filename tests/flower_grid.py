@@ -1,0 +1,124 @@
+"""An in-process Flower Grid for fast tests of the real ClientApp, strategy and ServerApp.
+
+Each message goes through Flower's own wire encoding (deflate to object contents, inflate
+back) to an in-process ``ClientApp`` with the node's ``Context``, and the reply comes back
+the same way, as a SuperNode would deliver it; an exception escaping the ClientApp becomes
+an ``Error`` reply exactly as ``flwr-clientapp`` builds it. ``tamper`` edits or drops replies
+(a corrupted update, a site that died mid-round) and ``crash_after`` makes the Grid fail
+after that many messages (an aggregator that dies).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from uuid import uuid4
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+from flwr.serverapp import Grid
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+
+class AggregatorCrash(RuntimeError):
+    """The Grid was told to fail (stands in for a killed aggregator process)."""
+
+
+def over_the_wire(msg: Message) -> Message:
+    """The message as the receiver sees it: content serialised and rebuilt by Flower."""
+    if msg.has_error():
+        return Message(error=msg.error, metadata=msg.metadata)
+    objects = get_all_nested_objects(msg.content)
+    contents = {oid: obj.deflate() for oid, obj in objects.items()}
+    content = inflate_object_from_contents(msg.content.object_id, contents)
+    assert isinstance(content, RecordDict)
+    return Message(content=content, metadata=msg.metadata)
+
+
+class LocalGrid(Grid):
+    def __init__(
+        self,
+        client_app: ClientApp,
+        node_configs: list[dict],
+        run_config: dict,
+        *,
+        tamper: Callable[[int, Message], Message | None] | None = None,
+        crash_after: int | None = None,
+    ) -> None:
+        self.client_app = client_app
+        self.contexts = {
+            1000 + i: Context(
+                run_id=1,
+                node_id=1000 + i,
+                node_config=dict(cfg),
+                state=RecordDict(),
+                run_config=dict(run_config),
+            )
+            for i, cfg in enumerate(node_configs)
+        }
+        self.tamper = tamper
+        self.crash_after = crash_after
+        self.delivered = 0
+        self._replies: dict[str, Message] = {}
+        self._run = Run.create_empty(1)
+        # What the ServerApp process is told by its SuperLink: who sends the messages.
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def _deliver(self, msg: Message) -> Message | None:
+        node = msg.metadata.dst_node_id
+        received = over_the_wire(msg)
+        try:
+            reply = self.client_app(received, self.contexts[node])
+        except Exception as exc:  # what flwr-clientapp does with an escaping exception
+            reason = str(type(exc)) + ":<'" + str(exc) + "'>"
+            reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=received)
+        if self.tamper is not None:
+            reply = self.tamper(node, reply)
+        if reply is None:
+            return None
+        reply.metadata.__dict__["_message_id"] = uuid4().hex
+        return over_the_wire(reply)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            if self.crash_after is not None and self.delivered >= self.crash_after:
+                raise AggregatorCrash(f"aggregator killed after {self.delivered} messages")
+            self.delivered += 1
+            msg.metadata.__dict__["_message_id"] = uuid4().hex
+            reply = self._deliver(msg)
+            if reply is not None:
+                self._replies[msg.metadata.message_id] = reply
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages))

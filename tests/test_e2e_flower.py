@@ -1,0 +1,234 @@
+"""End to end on real Flower processes (slow): `flwr run .` simulations of each task, and a
+loopback deployment over TLS with SuperNode authentication in which one site is killed.
+
+Each test uses its own FLWR_HOME and free ports, and stops every process it caused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from federation import deploy
+from federation.aggregation import RunStore
+from federation.config import load_deployment
+from federation.more.keys import generate_key, save_key
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _experiment(tmp: Path, name: str, task: dict, sites: int, rounds: int, **extra: object) -> Path:
+    data = {
+        "name": name,
+        "task": task,
+        "sites": {"count": sites},
+        "training": {"rounds": rounds, "local_epochs": 1, "batch_size": 32, **extra},
+        "federation": {"min_sites": 2},
+        "output_dir": f"runs/{name}",
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def _pids_mentioning(text: str) -> list[int]:
+    """Processes whose command line mentions ``text`` (our temporary directories)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and entry.name != str(os.getpid()):
+            with contextlib.suppress(OSError):
+                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                    found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture(scope="module")
+def flwr_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A private FLWR_HOME and local SuperLink ports; the SuperLink `flwr run` starts (and
+    everything under it) is stopped at the end."""
+    home = tmp_path_factory.mktemp("flwr-home")
+    env = {
+        **deploy.flower_env(),
+        "FLWR_HOME": str(home),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
+    }
+    yield env
+    for pid in _pids_mentioning(str(home)):
+        tree = [pid, *deploy.descendants(pid)]
+        for p in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGTERM)
+    assert not _pids_wait_gone(str(home))
+
+
+def _pids_wait_gone(text: str, timeout: float = 20.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while (left := [p for p in _pids_mentioning(text) if deploy.alive(p)]) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.3)
+    return left
+
+
+def _flwr_run(env: dict[str, str], sites: int, settings: dict[str, object], tmp: Path) -> dict:
+    """`flwr run .` in simulation with ``sites`` SuperNodes; the run's `flwr ls` entry."""
+    config = tmp / "run-config.toml"
+    config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items()))
+    done = subprocess.run(
+        [
+            "flwr",
+            "run",
+            ".",
+            "--stream",
+            "--run-config",
+            str(config),
+            "--federation-config",
+            f"num-supernodes={sites}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    run_id = next(
+        line.split()[3] for line in done.stdout.splitlines() if line.startswith("Successfully")
+    )
+    listed = subprocess.run(
+        ["flwr", "ls", "--run-id", run_id, "--format", "json"],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    (tmp / "run.log").write_text(done.stdout + done.stderr)
+    return json.loads(listed.stdout)["runs"][0]
+
+
+def test_flwr_run_wbc_encrypted_equals_plaintext_in_the_report(
+    flwr_env: dict[str, str], tmp_path: Path
+) -> None:
+    experiment = _experiment(
+        tmp_path, "wbc-e2e", {"name": "wbc", "options": {"n_samples": 300}}, 3, 1, dtype="float64"
+    )
+    run = _flwr_run(
+        flwr_env,
+        3,
+        {"experiment": str(experiment), "output-dir": str(tmp_path / "out"), "resume": False},
+        tmp_path,
+    )
+    assert run["status"] == "finished:completed", (tmp_path / "run.log").read_text()
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "status: **completed**" in report
+    encrypted = json.loads((tmp_path / "out" / "encrypted" / RunStore.HISTORY).read_text())
+    plaintext = json.loads((tmp_path / "out" / "plaintext" / RunStore.HISTORY).read_text())
+    assert [h["sites"] for h in encrypted] == [3]
+    for e, p in zip(encrypted, plaintext, strict=True):
+        assert e["evaluate"]["r2_mean"] == pytest.approx(p["evaluate"]["r2_mean"], abs=1e-10)
+
+
+@pytest.mark.parametrize("task", ["mnist", "angio"])
+def test_flwr_run_trains_each_task_encrypted(
+    flwr_env: dict[str, str], tmp_path: Path, task: str
+) -> None:
+    if task == "mnist":
+        if not (SHARED_MNIST / "t10k-images-idx3-ubyte.gz").is_file():
+            pytest.skip(f"the shared MNIST test split is not at {SHARED_MNIST}")
+        spec = {
+            "name": "mnist",
+            "data_dir": str(SHARED_MNIST),
+            "options": {"split": "carve", "n_train": 300, "n_test": 100},
+        }
+    else:
+        spec = {"name": "angio", "options": {"n_train": 64, "n_test": 32, "image_size": 32}}
+    experiment = _experiment(tmp_path, f"{task}-e2e", spec, 2, 1, dtype="float32")
+    if task == "angio":
+        data = yaml.safe_load(experiment.read_text())
+        data["model"] = {"arch": "cnn", "options": {"image_size": 32}}
+        experiment.write_text(yaml.safe_dump(data))
+    settings = {
+        "experiment": str(experiment),
+        "output-dir": str(tmp_path / "out"),
+        "baseline": False,
+        "centralised": False,
+        "resume": False,
+    }
+    run = _flwr_run(flwr_env, 2, settings, tmp_path)
+    assert run["status"] == "finished:completed", (tmp_path / "run.log").read_text()
+    (entry,) = json.loads((tmp_path / "out" / "encrypted" / RunStore.HISTORY).read_text())
+    assert entry["sites"] == 2 and 0.0 <= entry["evaluate"]["accuracy"] <= 1.0
+
+
+def test_loopback_deployment_over_tls_survives_a_killed_site_and_leaves_nothing_running(
+    tmp_path: Path,
+) -> None:
+    experiment = _experiment(
+        tmp_path, "wbc-deploy", {"name": "wbc", "options": {"n_samples": 300}}, 3, 1
+    )
+    key = save_key(generate_key(99), tmp_path / "federation.key")
+    port = _free_port()
+    spec = {
+        "experiment": str(experiment),
+        "work_dir": str(tmp_path / "work"),
+        "superlink": {"host": "127.0.0.1", "port": port},
+        "tls": {"enabled": True, "generate": True},
+        "node_auth": {"enabled": True},
+        "sites": [
+            {"name": name, "id": i, "port": _free_port(), "key_file": str(key)}
+            for i, name in enumerate(["a", "b", "c"])
+        ],
+        "run": {"output_dir": str(tmp_path / "out"), "round_timeout": 90, "timeout": 400},
+    }
+    path = tmp_path / "deployment.yaml"
+    path.write_text(yaml.safe_dump(spec), encoding="utf-8")
+    seen: set[int] = set()
+    killed: list[int] = []
+
+    def kill_site_c_while_it_trains(fed: deploy.Federation) -> None:
+        """SIGTERM site c's SuperNode and its ClientApp as soon as c starts training."""
+        seen.update(fed.processes.tree())
+        site = fed.processes.started["supernode-c"]
+        tree = deploy.descendants(site.pid)
+        if not killed and any(p in _pids_mentioning("flwr-clientapp") for p in tree):
+            killed.extend([site.pid, *tree])
+            for pid in killed:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+
+    result = deploy.deploy(load_deployment(path), watch=kill_site_c_while_it_trains, poll=0.5)
+    assert result.ok, (result.logs / "run.log").read_text()
+    assert killed
+    (entry,) = json.loads((tmp_path / "out" / "encrypted" / RunStore.HISTORY).read_text())
+    assert entry["sites"] == 2
+    assert [r["stage"] for r in entry["refused"]] == ["train"]
+    assert "Node Unavailable" in entry["refused"][0]["reason"]
+    checkpoint = RunStore(tmp_path / "out" / "encrypted").load_latest()
+    assert checkpoint is not None and checkpoint.fingerprint == generate_key(99).fingerprint
+    assert "status: **completed**" in result.report.read_text()
+    assert (result.logs / "superlink.log").read_text().count("Activated node_id") >= 3
+    assert not [p for p in seen if deploy.alive(p)]
+    assert not _pids_wait_gone(str(tmp_path))
