@@ -72,7 +72,7 @@ def _bytes(tensors: list[torch.Tensor]) -> int:
     return sum(seen.values())
 
 
-def _held_bytes(step: Callable[[], list[torch.Tensor]]) -> int:
+def held_bytes(step: Callable[[], list[torch.Tensor]]) -> int:
     """Bytes held during one step: saved activations plus the persistent tensors it lists."""
     saved: list[torch.Tensor] = []
 
@@ -127,7 +127,7 @@ def bench_one(
     for _ in range(2):
         plain_step()
         encrypted_step()
-    plain_bytes, enc_bytes = _held_bytes(plain_step), _held_bytes(encrypted_step)
+    plain_bytes, enc_bytes = held_bytes(plain_step), held_bytes(encrypted_step)
     plain_t, enc_t = [], []
     for _ in range(steps):
         for fn, times in ((plain_step, plain_t), (encrypted_step, enc_t)):

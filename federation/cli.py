@@ -25,6 +25,16 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.suite == "full":
+        from federation.bench_suite import run_suite
+
+        path = run_suite(args.out, quick=args.quick)
+        print(f"wrote {path}")
+        return 0
     from federation import bench
 
     bench.run(quick=args.quick)
@@ -164,6 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="plaintext vs encrypted training-step time and memory")
     p.add_argument("--quick", action="store_true", help="float32 only, fewer steps (< 1 min)")
+    p.add_argument(
+        "--suite",
+        choices=("steps", "full"),
+        default="steps",
+        help="steps: the MLP/CNN step table; full: tasks, aggregation vs CKKS, scaling",
+    )
+    p.add_argument("--out", type=Path, default=Path("runs/bench"), help="full suite output dir")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.set_defaults(func=_bench)
     return parser
 
