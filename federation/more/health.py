@@ -155,7 +155,7 @@ def diagnose(
 ) -> str:
     """One line naming the diverged channel and the first layer where it left ``limit``."""
     params = check_tensors(
-        {n: EncryptedTensor(p.detach(), x.fingerprint) for n, p in model.named_parameters()},
+        {n: EncryptedTensor(t, x.fingerprint) for n, t in model.state_dict().items()},
         key,
         limit=limit,
     )

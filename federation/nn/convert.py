@@ -141,7 +141,26 @@ def set_model_fingerprint(model: nn.Module, fingerprint: str | None) -> None:
 def encrypted_parameters(model: nn.Module) -> dict[str, EncryptedTensor]:
     """Each parameter as an :class:`EncryptedTensor` sharing the parameter's storage."""
     fp = model_fingerprint(model)
-    return {name: EncryptedTensor(p, fp) for name, p in model.named_parameters()}
+    out = {}
+    for prefix, layer in model.named_modules():
+        if isinstance(layer, EncryptedLayer):
+            for name, p in layer.named_parameters(recurse=False):
+                key = f"{prefix}.{name}" if prefix else name
+                out[key] = EncryptedTensor(layer.blocks(name, p), fp)
+    return out
+
+
+def encrypted_gradients(model: nn.Module) -> dict[str, EncryptedTensor]:
+    """The algebra gradient of each parameter that has one (transpose of autograd's)."""
+    fp = model_fingerprint(model)
+    out = {}
+    for prefix, layer in model.named_modules():
+        if isinstance(layer, EncryptedLayer):
+            for name, p in layer.named_parameters(recurse=False):
+                if p.grad is not None:
+                    key = f"{prefix}.{name}" if prefix else name
+                    out[key] = EncryptedTensor(layer.blocks(name, p.grad).mT, fp)
+    return out
 
 
 def to_encrypted(
@@ -168,10 +187,10 @@ def to_encrypted(
             gen.manual_seed(seed)
         plain = dict(module.named_parameters())
         with torch.no_grad():
-            for name, p in twin.named_parameters():
+            for name, p in encrypted_parameters(twin).items():
                 w = plain[name].detach().to(dtype)
                 lo, hi = float(w.min()), float(w.max())
-                p.copy_(encrypt(w, key, FeatureRange(lo, hi), generator=gen).entries)
+                p.entries.copy_(encrypt(w, key, FeatureRange(lo, hi), generator=gen).entries)
         set_model_fingerprint(twin, key.fingerprint)
     return twin
 

@@ -29,8 +29,12 @@ class EncryptedLayer(nn.Module):
         super().__init__()
         self.key_fingerprint: str | None = None
 
+    def blocks(self, name: str, stored: torch.Tensor) -> torch.Tensor:
+        """The ``[..., 2, 2]`` ciphertext view of a stored parameter (or of its gradient)."""
+        return stored
+
     def param(self, name: str) -> EncryptedTensor:
-        return EncryptedTensor(getattr(self, name), self.key_fingerprint)
+        return EncryptedTensor(self.blocks(name, getattr(self, name)), self.key_fingerprint)
 
     def maybe_param(self, name: str) -> EncryptedTensor | None:
         return None if getattr(self, name) is None else self.param(name)
@@ -48,19 +52,45 @@ class EncryptedLayer(nn.Module):
 
 
 class EncryptedLinear(EncryptedLayer):
+    """The weight ``[out, in, 2, 2]`` is stored in the layout of the layer's GEMM,
+    ``[in, 2, out, 2]``, so neither the forward nor the backward pass copies it (a copy of a
+    2x2-block permutation costs more than the GEMM itself); ``state_dict`` still shows
+    ``[out, in, 2, 2]``."""
+
     plain_type = nn.Linear
 
     def __init__(self, plain: nn.Linear, dtype: torch.dtype) -> None:
         super().__init__()
         self.in_features, self.out_features = plain.in_features, plain.out_features
-        self._register_encoded("weight", plain.weight, dtype)
+        entries = encode_plain(plain.weight.detach().to(dtype)).entries
+        self.weight = nn.Parameter(entries.permute(1, 2, 0, 3).contiguous())
         self._register_encoded("bias", plain.bias, dtype)
+        self.register_state_dict_post_hook(_weight_to_blocks)
+        self.register_load_state_dict_pre_hook(_weight_from_blocks)
+
+    def blocks(self, name: str, stored: torch.Tensor) -> torch.Tensor:
+        return stored.permute(2, 0, 1, 3) if name == "weight" else stored
 
     def forward(self, x: EncryptedTensor) -> EncryptedTensor:
         return x.linear(self.param("weight"), self.maybe_param("bias"))
 
     def to_plain(self) -> nn.Module:
         return nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+
+
+def _weight_to_blocks(
+    module: nn.Module, state: dict[str, torch.Tensor], prefix: str, local_metadata: object
+) -> None:
+    key = prefix + "weight"
+    state[key] = state[key].permute(2, 0, 1, 3).contiguous()
+
+
+def _weight_from_blocks(
+    module: nn.Module, state: dict[str, torch.Tensor], prefix: str, *args: object
+) -> None:
+    key = prefix + "weight"
+    if key in state and state[key].ndim == 4:
+        state[key] = state[key].permute(1, 2, 0, 3).contiguous()
 
 
 class EncryptedConv2d(EncryptedLayer):

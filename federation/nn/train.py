@@ -18,7 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from federation.more.tensor import EncryptedTensor, join_fingerprints
-from federation.nn.convert import encrypted_parameters, model_fingerprint, set_model_fingerprint
+from federation.nn.convert import (
+    encrypted_gradients,
+    encrypted_parameters,
+    model_fingerprint,
+    set_model_fingerprint,
+)
 
 LossName = Literal["cross_entropy", "mse"]
 LOSSES: tuple[str, ...] = ("cross_entropy", "mse")
@@ -95,8 +100,9 @@ class EncryptedSGD:
 
     @torch.no_grad()
     def step(self) -> None:
+        grads = encrypted_gradients(self.model)
         for name, p in encrypted_parameters(self.model).items():
-            g = p.grad
+            g = grads.get(name)
             if g is None:
                 continue
             if self.weight_decay:
