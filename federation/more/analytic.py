@@ -52,20 +52,33 @@ class _Pair:
         det = self.alpha * self.alpha - self.beta * self.beta * self.delta
         return _Pair(self.alpha / det, -self.beta / det, self.delta)
 
-    def exp(self) -> _Pair:
-        """``e^alpha (ch(b^2 delta) I + b sh(b^2 delta) N)``: exp's power series summed in
-        closed form, with ``ch = sum x^k / (2k)!`` and ``sh = sum x^k / (2k+1)!`` (cosh and
-        sinh of ``sqrt(x)``, or cos and sin for round-off-negative ``x``)."""
+    def _ch_sh(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``ch(x) - 1``, ``ch(x)`` and ``sh(x)`` at ``x = beta^2 delta``, with
+        ``ch = sum x^k / (2k)!`` and ``sh = sum x^k / (2k+1)!`` (cosh and sinh of
+        ``sqrt(x)``, or cos and sin for round-off-negative ``x``); ``ch - 1`` is computed
+        as ``2 sinh(sqrt(x) / 2)^2`` so it keeps its precision near zero."""
         x = self.beta * self.beta * self.delta
         root = x.abs().sqrt()
         positive = x >= 0
-        ch = torch.where(positive, torch.cosh(root), torch.cos(root))
+        half = 0.5 * root
+        ch1 = torch.where(positive, 2.0 * torch.sinh(half) ** 2, -2.0 * torch.sin(half) ** 2)
         small = root < 1e-3
         safe = torch.where(small, torch.ones_like(root), root)
         sh_big = torch.where(positive, torch.sinh(safe), torch.sin(safe)) / safe
         sh = torch.where(small, 1.0 + x / 6.0 + x * x / 120.0, sh_big)
+        return ch1, ch1 + 1.0, sh
+
+    def exp(self) -> _Pair:
+        """``e^alpha (ch I + sh beta N)``: exp's power series summed in closed form."""
+        _, ch, sh = self._ch_sh()
         ea = torch.exp(self.alpha)
         return _Pair(ea * ch, ea * sh * self.beta, self.delta)
+
+    def expm1(self) -> _Pair:
+        """``exp(self) - I`` without cancellation near zero."""
+        ch1, ch, sh = self._ch_sh()
+        ea = torch.exp(self.alpha)
+        return _Pair(torch.expm1(self.alpha) * ch + ch1, ea * sh * self.beta, self.delta)
 
 
 @dataclass(frozen=True)
@@ -99,28 +112,22 @@ class _Blocks:
         return torch.stack((top, bottom), -2)
 
 
-# Taylor coefficients of tanh(y) / y in powers of y^2, to y^12.
-_TANH_SERIES = (1.0, -1 / 3, 2 / 15, -17 / 315, 62 / 2835, -1382 / 155925, 21844 / 6081075)
-
-
 def _tanh(blocks: _Blocks, x: _Pair, bound: float) -> _Pair:
     """tanh by scaling and doubling: every iterate has eigenvalues in (-1, 1).
 
-    ``x`` is halved ``k`` times until ``||x / 2^k|| <= 1/32``, tanh is summed there by its
-    Taylor series (truncation < 1e-20), and ``tanh(2y) = 2 tanh(y) (I + tanh(y)^2)^-1`` is
-    applied ``k`` times; the map contracts errors near saturation. ``bound`` bounds the
-    spectral norm of ``x`` (from its entries), so ``k`` is one number for the whole tensor.
+    ``x`` is halved ``k`` times until ``||x / 2^k|| <= 1``; there
+    ``tanh(y) = (exp(2y) - I)(exp(2y) + I)^-1`` with ``exp(2y)`` within ``[e^-2, e^2]`` on each
+    channel (and ``exp - I`` free of cancellation), and the double-angle formula
+    ``tanh(2y) = 2 tanh(y) (I + tanh(y)^2)^-1`` is applied ``k`` times; the map contracts
+    errors near saturation. ``bound`` bounds the spectral norm of ``x`` (from its entries),
+    so ``k`` is one number for the whole tensor.
     """
     if not math.isfinite(bound):
         nan = torch.full_like(blocks.t, math.nan)
         return _Pair(nan, nan, blocks.delta)
-    k = max(0, math.ceil(math.log2(bound * 32.0))) if bound > 0 else 0
-    y = x.scale(1.0 / 2**k)
-    y2 = y * y
-    poly = blocks.constant(_TANH_SERIES[-1])
-    for coeff in reversed(_TANH_SERIES[:-1]):
-        poly = (poly * y2).shift(coeff)
-    t = y * poly
+    k = max(0, math.ceil(math.log2(bound))) if bound > 1.0 else 0
+    em1 = x.scale(2.0 / 2**k).expm1()
+    t = em1 * em1.shift(2.0).inverse()
     for _ in range(k):
         t = (t * (t * t).shift(1.0).inverse()).scale(2.0)
     return t
