@@ -142,6 +142,66 @@ def encrypt_data(
     )
 
 
+def plain_targets(config: ExperimentConfig, y: torch.Tensor, loss: str) -> torch.Tensor:
+    """Targets as torch's loss wants them: class indices, or floats in the run's dtype."""
+    return y if loss == "cross_entropy" else y.to(dtype_of(config))
+
+
+def fit_plain(
+    config: ExperimentConfig,
+    model: nn.Module,
+    data: TaskData,
+    *,
+    epochs: int,
+    seed: int,
+    callback: Callable[[int, nn.Module], None] | None = None,
+) -> None:
+    """Plaintext SGD on ``data``'s training split with the experiment's hyper-parameters."""
+    t, loss = config.training, loss_of(data)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay
+    )
+    train_plain(
+        model,
+        data.x_train.to(dtype_of(config)),
+        plain_targets(config, data.y_train, loss),
+        loss=loss,
+        optimizer=opt,
+        epochs=epochs,
+        batch_size=t.batch_size,
+        seed=seed,
+        callback=callback,
+    )
+
+
+def fit_encrypted(
+    config: ExperimentConfig,
+    twin: nn.Module,
+    split: EncryptedSplit,
+    key: MoreKey,
+    loss: str,
+    *,
+    epochs: int,
+    seed: int,
+    callback: Callable[[int, nn.Module], None] | None = None,
+) -> None:
+    """The same SGD on ciphertexts; the key only builds the site's refresh hook."""
+    t = config.training
+    opt = EncryptedSGD(twin, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    train_encrypted(
+        twin,
+        split.x_train,
+        split.y_train,
+        loss=loss,
+        optimizer=opt,
+        epochs=epochs,
+        batch_size=t.batch_size,
+        seed=seed,
+        callback=callback,
+        step_hook=refresher(twin, opt, key, config.encryption.refresh_every),
+    )
+
+
 @dataclass
 class CentralResult:
     """Per-epoch test metrics of one centralised run."""
@@ -187,9 +247,6 @@ def train_centralised(
             on_epoch(epoch, metrics)
 
     if not encrypted:
-        opt = torch.optim.SGD(
-            plain.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay
-        )
         x_test = data.x_test.to(dtype)
 
         def plain_eval(epoch: int, model: nn.Module) -> None:
@@ -198,18 +255,7 @@ def train_centralised(
                 record(epoch, model(x_test))
             model.train()
 
-        y = data.y_train if loss == "cross_entropy" else data.y_train.to(dtype)
-        train_plain(
-            plain,
-            data.x_train.to(dtype),
-            y,
-            loss=loss,
-            optimizer=opt,
-            epochs=epochs,
-            batch_size=t.batch_size,
-            seed=t.seed,
-            callback=plain_eval,
-        )
+        fit_plain(config, plain, data, epochs=epochs, seed=t.seed, callback=plain_eval)
         result.model = plain
     else:
         if key is None:
@@ -224,19 +270,7 @@ def train_centralised(
             record(epoch, decrypt(predict_encrypted(model, split.x_test), key))
             model.train()
 
-        opt_e = EncryptedSGD(twin, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-        train_encrypted(
-            twin,
-            split.x_train,
-            split.y_train,
-            loss=loss,
-            optimizer=opt_e,
-            epochs=epochs,
-            batch_size=t.batch_size,
-            seed=t.seed,
-            callback=enc_eval,
-            step_hook=refresher(twin, opt_e, key, config.encryption.refresh_every),
-        )
+        fit_encrypted(config, twin, split, key, loss, epochs=epochs, seed=t.seed, callback=enc_eval)
         result.model = to_plain(twin, key)
     result.seconds = time.perf_counter() - start
     return result

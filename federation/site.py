@@ -20,8 +20,11 @@ from federation.experiment import (
     dtype_of,
     encrypt_data,
     federation_key,
+    fit_encrypted,
+    fit_plain,
     initial_model,
     loss_of,
+    plain_targets,
     site_data,
 )
 from federation.more.cipher import decrypt
@@ -29,15 +32,11 @@ from federation.more.health import check_tensors, diagnose
 from federation.more.keys import MoreKey
 from federation.nn.convert import encrypted_parameters, load_encrypted_state, to_encrypted
 from federation.nn.train import (
-    EncryptedSGD,
     TrainingDivergedError,
     batch_order,
     plain_loss,
     predict_encrypted,
-    train_encrypted,
-    train_plain,
 )
-from federation.refresh import refresher
 from federation.tasks.base import TaskData
 
 
@@ -110,40 +109,14 @@ class Site:
         seed = round_seed(self.config, self.site_id, server_round)
         n = len(self.data.x_train)
         if not self.config.federation.encrypted:
-            opt = torch.optim.SGD(
-                model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay
-            )
-            y = (
-                self.data.y_train
-                if loss == "cross_entropy"
-                else self.data.y_train.to(dtype_of(self.config))
-            )
-            train_plain(
-                model,
-                self.data.x_train.to(dtype_of(self.config)),
-                y,
-                loss=loss,
-                optimizer=opt,
-                epochs=t.local_epochs,
-                batch_size=t.batch_size,
-                seed=seed,
-            )
+            fit_plain(self.config, model, self.data, epochs=t.local_epochs, seed=seed)
             arrays_out = {k: v.detach().numpy() for k, v in model.state_dict().items()}
             return LocalUpdate(arrays_out, n, None, {})
         assert self._key is not None
         split = self._encrypted()
-        opt_e = EncryptedSGD(model, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
         try:
-            train_encrypted(
-                model,
-                split.x_train,
-                split.y_train,
-                loss=loss,
-                optimizer=opt_e,
-                epochs=t.local_epochs,
-                batch_size=t.batch_size,
-                seed=seed,
-                step_hook=refresher(model, opt_e, self._key, self.config.encryption.refresh_every),
+            fit_encrypted(
+                self.config, model, split, self._key, loss, epochs=t.local_epochs, seed=seed
             )
         except TrainingDivergedError as exc:
             batch = batch_order(n, t.batch_size, seed, exc.epoch)[exc.step]
@@ -176,7 +149,7 @@ class Site:
             model.eval()
             with torch.no_grad():
                 outputs = model(self.data.x_test.to(dtype))
-        y = self.data.y_test if loss == "cross_entropy" else self.data.y_test.to(dtype)
+        y = plain_targets(self.config, self.data.y_test, loss)
         metrics = {
             "loss": float(plain_loss(loss, outputs, y)),
             **self.data.metrics(outputs, self.data.y_test),
