@@ -8,6 +8,7 @@ silently ignored).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -84,10 +85,17 @@ class _Reader:
                 v = float(v)
             except ValueError:
                 raise self.fail(name, "a number", v) from None
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-        if not ok or not (v > minimum if strict else v >= minimum):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise self.fail(name, "a number", v)
+        try:
+            number = float(v)
+        except OverflowError:  # an integer beyond the float range
+            number = math.inf
+        if not math.isfinite(number):
+            raise self.fail(name, "a finite number", v)
+        if not (number > minimum if strict else number >= minimum):
             raise self.fail(name, f"a number {'>' if strict else '>='} {minimum}", v)
-        return float(v)
+        return number
 
     def choice(self, name: str, options: tuple[str, ...], default: Any = ...) -> str:
         v = self.get(name, default)
@@ -105,6 +113,8 @@ class _Reader:
         v = self.get(name, default)
         if v is not None and (not isinstance(v, str) or not v):
             raise self.fail(name, "a non-empty string", v)
+        if v is not None and "\x00" in v:
+            raise self.fail(name, "a string without NUL characters", v)
         return v
 
     def path(self, name: str, base: Path, default: Any = None) -> Path | None:
@@ -127,12 +137,34 @@ class _Reader:
         return _Reader(self.source, self._key(name), self.data.get(name))
 
     def done(self) -> None:
-        unknown = sorted(set(self.data) - self.used)
-        if unknown:
+        """Refuse keys nobody read: typos, and non-string keys (YAML ``1:`` or ``null:``)."""
+        unknown = sorted(set(self.data) - self.used, key=lambda k: (isinstance(k, str), str(k)))
+        if not unknown:
+            return
+        expected = f"expected one of: {', '.join(sorted(self.used))}"
+        first = unknown[0]
+        if not isinstance(first, str):
             raise ConfigError(
-                f"{self.source}: unknown key '{self._key(unknown[0])}' "
-                f"(expected one of: {', '.join(sorted(self.used))})"
+                f"{self.source}: key {first!r} in '{self.prefix or '<top>'}' is not a name "
+                f"({expected})"
             )
+        raise ConfigError(f"{self.source}: unknown key '{self._key(first)}' ({expected})")
+
+
+def _text(r: _Reader, name: str, default: Any = ...) -> str:
+    """A string that may be defaulted but not nulled."""
+    v = r.string(name, default)
+    if v is None:
+        raise r.fail(name, "a non-empty string", v)
+    return v
+
+
+def _location(r: _Reader, name: str, base: Path, default: Any = ...) -> Path:
+    """A path that may be defaulted but not nulled."""
+    v = r.path(name, base, default)
+    if v is None:
+        raise r.fail(name, "a path", None)
+    return v
 
 
 @dataclass(frozen=True)
@@ -217,7 +249,7 @@ def experiment_from_dict(
     """Validate a parsed experiment mapping; ``base`` resolves relative paths."""
     base = base or Path.cwd()
     top = _Reader(source, "", data)
-    name = top.string("name")
+    name = _text(top, "name")
 
     t = top.child("task")
     task = TaskConfig(
@@ -228,8 +260,8 @@ def experiment_from_dict(
     t.done()
 
     m = top.child("model")
-    arch = m.string("arch", "cnn" if task.name == "angio" else "mlp")
-    model = ModelConfig(arch=str(arch), options=m.mapping("options"))
+    arch = _text(m, "arch", "cnn" if task.name == "angio" else "mlp")
+    model = ModelConfig(arch=arch, options=m.mapping("options"))
     m.done()
 
     s = top.child("sites")
@@ -275,8 +307,7 @@ def experiment_from_dict(
     )
     en.done()
 
-    output_dir = top.path("output_dir", base, f"runs/{name}")
-    assert output_dir is not None
+    output_dir = _location(top, "output_dir", base, f"runs/{name}")
     top.done()
     return ExperimentConfig(
         name=name,
@@ -299,6 +330,8 @@ def _read_yaml(path: str | os.PathLike[str]) -> tuple[Any, Path]:
         return yaml.safe_load(p.read_text(encoding="utf-8")), p
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: not valid YAML: nested too deeply") from None
 
 
 def load_experiment(path: str | os.PathLike[str], base: Path | None = None) -> ExperimentConfig:
@@ -363,22 +396,6 @@ class DeploymentConfig:
                 return s
         names = ", ".join(s.name for s in self.sites)
         raise ConfigError(f"{self.source}: no site named {name!r} (sites: {names})")
-
-
-def _text(r: _Reader, name: str, default: Any = ...) -> str:
-    """A string that may be defaulted but not nulled."""
-    v = r.string(name, default)
-    if v is None:
-        raise r.fail(name, "a non-empty string", v)
-    return v
-
-
-def _location(r: _Reader, name: str, base: Path, default: Any = ...) -> Path:
-    """A path that may be defaulted but not nulled."""
-    v = r.path(name, base, default)
-    if v is None:
-        raise r.fail(name, "a path", None)
-    return v
 
 
 def _port(r: _Reader, name: str, default: Any = ...) -> int:

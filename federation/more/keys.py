@@ -2,7 +2,8 @@
 
 A key is a real invertible 2x2 matrix ``S``. Encryption maps ``x`` to ``S diag(x, r) S^-1``,
 so decryption error grows like ``cond(S)^2``: keys are drawn with a bounded condition number
-and loading refuses ill-conditioned ones.
+and loading refuses ill-conditioned ones, and ones whose largest entry lies outside
+[1e-100, 1e100] (where products of entries would over- or underflow).
 
 Key file format (JSON, UTF-8, written atomically with mode 0600)::
 
@@ -37,6 +38,7 @@ KEY_FORMAT = "more-fl-key"
 KEY_VERSION = 1
 DEFAULT_MAX_COND = 10.0
 _FINGERPRINT_DOMAIN = b"more-fl/key-fingerprint/v1\x00"
+_MIN_SCALE, _MAX_SCALE = 1e-100, 1e100  # keeps products of entries far from over/underflow
 
 
 class KeyFileError(ValueError):
@@ -56,10 +58,15 @@ class MoreKey:
             raise ValueError(f"a MORE key is a 2x2 matrix, got shape {m.shape}")
         if not np.all(np.isfinite(m)):
             raise ValueError("a MORE key must have finite entries")
-        det = float(np.linalg.det(m))
-        if abs(det) <= 1e-12 * max(float(np.abs(m).max()), 1e-300) ** 2:
+        scale = float(np.abs(m).max())  # singularity and conditioning ignore the scale
+        if scale == 0.0 or abs(float(np.linalg.det(m / scale))) <= 1e-12:
             raise ValueError("a MORE key must be invertible; this matrix is singular")
-        cond = float(np.linalg.cond(m))
+        if not _MIN_SCALE <= scale <= _MAX_SCALE:
+            raise ValueError(
+                f"a MORE key's largest entry must have a magnitude between {_MIN_SCALE:g} and "
+                f"{_MAX_SCALE:g}, got {scale:.3g}"
+            )
+        cond = float(np.linalg.cond(m / scale))
         if not cond <= max_cond:
             raise ValueError(
                 f"key condition number {cond:.3g} exceeds the limit {max_cond:g}; decryption "
@@ -174,6 +181,8 @@ def load_key(path: str | os.PathLike[str], *, max_cond: float = DEFAULT_MAX_COND
         payload = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise KeyFileError(f"key file {path} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise KeyFileError(f"key file {path} is not a key: JSON nested too deeply") from None
     if not isinstance(payload, dict) or payload.get("format") != KEY_FORMAT:
         raise KeyFileError(f"key file {path}: 'format' must be {KEY_FORMAT!r}")
     if payload.get("version") != KEY_VERSION:

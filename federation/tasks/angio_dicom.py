@@ -400,18 +400,25 @@ def _read_one(
         pixels = np.asarray(ds.pixel_array)
     except Exception as exc:  # missing decoder plugins, malformed encapsulation, ...
         return f"cannot decode pixel data ({type(exc).__name__}: {exc})"
-    frames_count = int(ds.get("NumberOfFrames", 1) or 1)
     if int(ds.get("SamplesPerPixel", 1)) > 1:
         pixels = pixels.mean(axis=-1)
+    if pixels.ndim not in (2, 3):
+        return f"pixel data of shape {pixels.shape} is neither [H, W] nor [frames, H, W]"
     pixels = apply_modality_lut(pixels, ds).astype(np.float32)
+    if not np.isfinite(pixels).all():
+        return "RescaleSlope/RescaleIntercept make pixel values non-finite"
     if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
         pixels = pixels.max() - pixels  # contrast-filled vessels dark, as in MONOCHROME2
-    frames = pixels if frames_count > 1 else pixels[None]
+    # by the decoded shape: pydicom counts the frames the pixel data holds when NumberOfFrames
+    # is missing, invalid or too small
+    frames = pixels if pixels.ndim == 3 else pixels[None]
     try:
         chosen = frames[select_frame(frames, frame)]
     except ValueError as exc:  # an index beyond this run's frames
         return str(exc)
     image = normalize_image(resize_square(chosen, image_size))
+    if not np.isfinite(image).all():
+        return "pixel values too large to normalise"
     scanner = " / ".join(
         str(ds.get(tag, "")).strip()
         for tag in ("Manufacturer", "ManufacturerModelName", "StationName")
@@ -461,14 +468,17 @@ def read_folder(
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         if path.resolve() == csv_path or path.name.startswith("."):
             continue
-        result = _read_one(
-            path,
-            path.relative_to(root).as_posix(),
-            labels,
-            image_size=image_size,
-            label=label,
-            frame=frame,
-        )
+        try:
+            result = _read_one(
+                path,
+                path.relative_to(root).as_posix(),
+                labels,
+                image_size=image_size,
+                label=label,
+                frame=frame,
+            )
+        except Exception as exc:  # pydicom converts elements lazily: any of them can fail
+            result = f"unusable DICOM ({type(exc).__name__}: {exc})"
         if isinstance(result, str):
             skipped.append((path, result))
         else:

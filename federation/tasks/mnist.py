@@ -189,6 +189,8 @@ def _parse_idx(blob: bytes, path: Path, expect_magic: int | None = None) -> np.n
         raise MnistDataError(f"{path}: truncated IDX header ({len(blob)} of {header} bytes)")
     dims = tuple(int.from_bytes(blob[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     dtype = _IDX_DTYPES[code]
+    if math.prod(d for d in dims if d) * dtype.itemsize >= np.iinfo(np.intp).max:
+        raise MnistDataError(f"{path}: dims {dims} describe an impossibly large array")
     expected = header + math.prod(dims) * dtype.itemsize
     if len(blob) < expected:
         raise MnistDataError(
