@@ -394,6 +394,10 @@ class Processes:
         for proc in self.started.values():
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
+        # SIGKILL is delivered asynchronously: return only once nothing is running.
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and any(alive(p) for p in pids):
+            time.sleep(0.05)
 
 
 @contextlib.contextmanager
