@@ -310,6 +310,23 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
+def session_members(sids: set[int]) -> list[int]:
+    """Processes in any of the sessions ``sids``: also those re-parented to init when their
+    parent exited (Linux ``/proc``; empty elsewhere)."""
+    members = []
+    proc = Path("/proc")
+    for entry in proc.iterdir() if proc.is_dir() else ():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) in sids:
+            members.append(int(entry.name))
+    return members
+
+
 def descendants(pid: int) -> list[int]:
     tree, found, todo = _children(), [], [pid]
     while todo:
@@ -346,16 +363,23 @@ class Processes:
     def start(self, name: str, argv: list[str], *, home: Path) -> subprocess.Popen[bytes]:
         home.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        with (self.log_dir / f"{name}.log").open("wb") as log:
-            proc = subprocess.Popen(
-                argv,
-                cwd=self.cwd,
-                env={**self.env, "FLWR_HOME": str(home)},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.started[name] = proc
+        # A Ctrl-C or SIGTERM arriving between the fork and the bookkeeping would orphan the
+        # child: hold those signals until it is registered (the child gets the old mask).
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            with (self.log_dir / f"{name}.log").open("wb") as log:
+                proc = subprocess.Popen(
+                    argv,
+                    cwd=self.cwd,
+                    env={**self.env, "FLWR_HOME": str(home)},
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_SETMASK, mask),
+                )
+            self.started[name] = proc
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         return proc
 
     def tree(self) -> set[int]:
@@ -364,6 +388,8 @@ class Processes:
             if proc.poll() is None:
                 self.seen.add(proc.pid)
                 self.seen.update(descendants(proc.pid))
+        # Each was started in a session of its own: catch members whose parent exited.
+        self.seen.update(session_members({proc.pid for proc in self.started.values()}))
         return {pid for pid in self.seen if alive(pid)}
 
     def check(self, names: list[str]) -> None:

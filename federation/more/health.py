@@ -38,6 +38,13 @@ class HealthReport:
     limit: float
     mixing: float = 0.0
     mixing_tol: float = 1.5e-8
+    shadow_ratio: float = 10.0
+    """Shadows are drawn from the data's own declared ranges, so a healthy shadow channel
+    stays on the data's scale; one more than ``shadow_ratio`` times larger is diverging."""
+
+    @property
+    def shadow_outgrew_data(self) -> bool:
+        return self.shadow_max > self.shadow_ratio * max(1.0, self.data_max)
 
     @property
     def mixed(self) -> bool:
@@ -53,6 +60,7 @@ class HealthReport:
             and self.shadow_finite
             and self.data_max <= self.limit
             and self.shadow_max <= self.limit
+            and not self.shadow_outgrew_data
             and not self.mixed
         )
 
@@ -63,7 +71,9 @@ class HealthReport:
             return None
         if not self.entries_finite:
             return "both"
-        bad_shadow = not self.shadow_finite or self.shadow_max > self.limit
+        bad_shadow = (
+            not self.shadow_finite or self.shadow_max > self.limit or self.shadow_outgrew_data
+        )
         bad_data = not self.data_finite or self.data_max > self.limit
         if self.mixed and not (bad_shadow or bad_data):
             bad_shadow = self.shadow_max >= self.data_max
