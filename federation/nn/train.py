@@ -61,11 +61,6 @@ def loss_gradient(name: str, outputs: EncryptedTensor, targets: EncryptedTensor)
     raise ValueError(f"unknown loss {name!r}; expected one of {LOSSES}")
 
 
-def mse_value(outputs: EncryptedTensor, targets: EncryptedTensor) -> EncryptedTensor:
-    """Encrypted mean squared error (a 0-d ciphertext a site can decrypt)."""
-    return (outputs - targets).square().mean()
-
-
 class EncryptedSGD:
     """SGD with momentum and weight decay in the algebra, step for step as ``torch.optim.SGD``.
 
