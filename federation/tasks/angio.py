@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from federation.atomic import atomic_write
-from federation.tasks.base import TaskData, iid_partition
+from federation.tasks.base import TaskData, partition_sites
 
 ARTERIES: tuple[str, ...] = ("LCA", "RCA")
 """Binary label: which coronary tree was injected."""
@@ -989,30 +989,16 @@ def site_partition(
     on the population, so the weighted mean of site metrics is the global metric. Per-image
     ``info`` arrays are cut to each site's rows.
     """
-    train_seed, test_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
     n_train = len(data.y_train)
-    if scheme == "iid":
-        train_parts = iid_partition(n_train, num_sites, train_seed)
-    elif scheme == "non-iid":
+
+    def skewed(train_seed: int) -> list[np.ndarray]:
         views = _rows(data.info, "train", "view", data.y_train.numpy())
         scanners = _rows(data.info, "train", "scanner", np.zeros(n_train, dtype=np.int64))
-        train_parts = _skewed_partition(views, scanners, num_sites, alpha, train_seed)
-    else:
-        raise ValueError(f"unknown partition scheme {scheme!r}; choose 'iid' or 'non-iid'")
-    test_parts = iid_partition(len(data.y_test), num_sites, test_seed)
-    partition: dict[str, object] = {"scheme": scheme, "num_sites": num_sites, "seed": seed}
-    if scheme == "non-iid":
-        partition["alpha"] = alpha
-    sites = []
-    for site, (train_idx, test_idx) in enumerate(zip(train_parts, test_parts, strict=True)):
-        info = {**data.info, "partition": {**partition, "site": site}}
-        for key, value in data.info.items():
-            if isinstance(value, np.ndarray) and key.endswith("_train"):
-                info[key] = value[train_idx]
-            elif isinstance(value, np.ndarray) and key.endswith("_test"):
-                info[key] = value[test_idx]
-        sites.append(replace(data.subset(train_idx, test_idx), info=info))
-    return sites
+        return _skewed_partition(views, scanners, num_sites, alpha, train_seed)
+
+    return partition_sites(
+        data, num_sites=num_sites, scheme=scheme, seed=seed, non_iid=skewed, alpha=alpha
+    )
 
 
 def save_preview(

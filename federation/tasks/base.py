@@ -8,6 +8,7 @@ uniform over the normalised target range).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -121,3 +122,39 @@ def dirichlet_partition(
         if min(len(p) for p in parts) >= min_per_site:
             return parts
     raise ValueError(f"no Dirichlet(alpha={alpha}) split gives every site {min_per_site} examples")
+
+
+def partition_sites(
+    data: TaskData,
+    *,
+    num_sites: int,
+    scheme: str,
+    seed: int,
+    non_iid: Callable[[int], list[np.ndarray]],
+    alpha: float | None = None,
+) -> list[TaskData]:
+    """Every task's site split: train rows iid or by the task's ``non_iid(seed)`` rule, test
+    rows always iid (each site evaluates on the population, so the weighted mean of site
+    metrics is the global metric). Per-row ``info`` arrays (``*_train``/``*_test``) are cut
+    to each site's rows; ``info["partition"]`` records how (``alpha`` when given)."""
+    train_seed, test_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
+    if scheme == "iid":
+        train_parts = iid_partition(len(data.y_train), num_sites, train_seed)
+    elif scheme == "non-iid":
+        train_parts = non_iid(train_seed)
+    else:
+        raise ValueError(f"unknown partition scheme {scheme!r}; choose 'iid' or 'non-iid'")
+    test_parts = iid_partition(len(data.y_test), num_sites, test_seed)
+    partition: dict[str, object] = {"scheme": scheme, "num_sites": num_sites, "seed": seed}
+    if scheme == "non-iid" and alpha is not None:
+        partition["alpha"] = alpha
+    sites = []
+    for site, (train_idx, test_idx) in enumerate(zip(train_parts, test_parts, strict=True)):
+        info = {**data.info, "partition": {**partition, "site": site}}
+        for key, value in data.info.items():
+            if isinstance(value, np.ndarray) and key.endswith("_train"):
+                info[key] = value[train_idx]
+            elif isinstance(value, np.ndarray) and key.endswith("_test"):
+                info[key] = value[test_idx]
+        sites.append(replace(data.subset(train_idx, test_idx), info=info))
+    return sites

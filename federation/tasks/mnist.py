@@ -20,14 +20,14 @@ import os
 import tempfile
 import urllib.request
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from federation.tasks.base import TaskData, dirichlet_partition, iid_partition
+from federation.tasks.base import TaskData, dirichlet_partition, partition_sites
 
 ENV_DIR = "MORE_FL_MNIST_DIR"
 """Environment variable naming the MNIST directory when ``data_dir`` is not given."""
@@ -440,21 +440,11 @@ def site_partition(
     then evaluates on the population distribution, so iid and non-iid runs are compared on
     the same kind of test data and the weighted mean of site metrics is the global metric.
     """
-    train_seed, test_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
-    if scheme == "iid":
-        train_parts = iid_partition(len(data.y_train), num_sites, train_seed)
-    elif scheme == "non-iid":
-        train_parts = dirichlet_partition(data.y_train.numpy(), num_sites, alpha, train_seed)
-    else:
-        raise ValueError(f"unknown partition scheme {scheme!r}; choose 'iid' or 'non-iid'")
-    test_parts = iid_partition(len(data.y_test), num_sites, test_seed)
-    partition: dict[str, object] = {"scheme": scheme, "num_sites": num_sites, "seed": seed}
-    if scheme == "non-iid":
-        partition["alpha"] = alpha
-    return [
-        replace(
-            data.subset(train_idx, test_idx),
-            info={**data.info, "partition": {**partition, "site": site}},
-        )
-        for site, (train_idx, test_idx) in enumerate(zip(train_parts, test_parts, strict=True))
-    ]
+    return partition_sites(
+        data,
+        num_sites=num_sites,
+        scheme=scheme,
+        seed=seed,
+        non_iid=lambda s: dirichlet_partition(data.y_train.numpy(), num_sites, alpha, s),
+        alpha=alpha,
+    )

@@ -18,7 +18,7 @@ import json
 import math
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ from rich.progress import Progress
 from torch import nn
 
 from federation.atomic import atomic_write
-from federation.tasks.base import TaskData, iid_partition
+from federation.tasks.base import TaskData, partition_sites
 
 # Bump whenever the model, its parameters or the generator change: it keys the disk cache.
 VERSION = "wbc-1"
@@ -590,20 +590,11 @@ def site_partition(
     non-iid runs are compared on the same kind of test data. ``alpha`` (the Dirichlet skew of
     classification tasks) has no meaning for bands; it is accepted for a uniform signature.
     """
-    train_seed, test_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
-    if scheme == "iid":
-        train_parts = iid_partition(len(data.x_train), num_sites, train_seed)
-    elif scheme == "non-iid":
-        column = list(data.info["input_names"]).index(PARTITION_FEATURE)
-        train_parts = _bands(data.x_train[:, column].numpy(), num_sites, train_seed)
-    else:
-        raise ValueError(f"unknown partition scheme {scheme!r}; choose 'iid' or 'non-iid'")
-    test_parts = iid_partition(len(data.x_test), num_sites, test_seed)
-    partition = {"scheme": scheme, "num_sites": num_sites, "seed": seed}
-    return [
-        replace(
-            data.subset(train_idx, test_idx),
-            info={**data.info, "partition": {**partition, "site": site}},
-        )
-        for site, (train_idx, test_idx) in enumerate(zip(train_parts, test_parts, strict=True))
-    ]
+    column = list(data.info["input_names"]).index(PARTITION_FEATURE)
+    return partition_sites(
+        data,
+        num_sites=num_sites,
+        scheme=scheme,
+        seed=seed,
+        non_iid=lambda s: _bands(data.x_train[:, column].numpy(), num_sites, s),
+    )
