@@ -95,6 +95,7 @@ def run_mode(
         num_rounds=config.training.rounds,
         round_timeout=settings.round_timeout,
         resume=settings.resume,
+        secure=config.federation.secure_aggregation,
     )
 
 

@@ -27,8 +27,10 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from aggregator.secure import SecureResult, secure_round
 from federation import protocol
 from federation.aggregation import InvalidUpdate, RunStore, fedavg, validate_update
+from federation.config import SecureAggregationConfig
 
 
 class RoundFailedError(RuntimeError):
@@ -130,7 +132,9 @@ class EncryptedFedAvg(FedAvg):
         self.join_timeout = join_timeout
         self.joined = False
         self.rounds: dict[int, RoundLog] = {}
+        self.secure: dict[int, dict[str, object]] = {}
         self._sent: list[Message] = []
+        self._dtypes: dict[str, np.dtype] = {}
 
     def summary(self) -> None:
         super().summary()
@@ -164,6 +168,7 @@ class EncryptedFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._await_sites(grid)
+        self._dtypes = {k: np.dtype(a.dtype) for k, a in arrays.items()}
         sent = super().configure_train(server_round, arrays, self._settings(config), grid)
         self._sent = list(sent)
         return self._sent
@@ -257,6 +262,68 @@ class EncryptedFedAvg(FedAvg):
         arrays = ArrayRecord({k: Array(averaged[k]) for k in self.expected})
         return arrays, MetricRecord(weighted_metrics(valid))
 
+    def aggregate_secure(
+        self, server_round: int, result: SecureResult
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Accept a SecAgg+ average only if every site in the sum was a valid, same-key
+        update: one bad update cannot be taken out of a sum, so it spoils the round."""
+        round_log = self.rounds.setdefault(server_round, RoundLog())
+        self.secure[server_round] = {
+            "levels": result.levels,
+            "error_bound": result.bound,
+        }
+        for node in result.dropped:
+            halted = "the protocol halted before the sum" if result.average is None else None
+            reason = result.errors.get(node) or halted or "left the protocol"
+            round_log.refuse(node, f"dropped out of the secure round: {reason}", "train")
+        replies: list[SiteReply] = []
+        for r in result.replies:
+            metrics = dict(r.metrics)
+            fingerprint = metrics.pop(protocol.FINGERPRINT, None)
+            site = metrics.pop(protocol.SITE_ID, -1)
+            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in metrics.values()):
+                round_log.refuse(r.node, "malformed metrics: not finite numbers", "train")
+                return None, None
+            values = {k: float(v) for k, v in metrics.items()}
+            fp = str(fingerprint) if fingerprint is not None else None
+            replies.append(SiteReply(r.node, int(site), {}, r.num_examples, fp, values))
+        if self.encrypted and replies:
+            counts = Counter(u.fingerprint for u in replies).most_common()
+            majority = counts[0][0] if len(counts) == 1 or counts[0][1] > counts[1][1] else None
+            agreed = self.fingerprint or majority
+            strays = [u for u in replies if u.fingerprint != agreed]
+            if agreed is None or strays:
+                for u in strays or replies:
+                    round_log.refuse(
+                        u.node,
+                        f"key fingerprint {u.fingerprint} differs from the federation's "
+                        f"{agreed}: the secure sum mixes keys and is refused",
+                        "train",
+                    )
+                # A known majority key lets a retry tell the stray sites to stand aside.
+                self.fingerprint = self.fingerprint or majority
+                return None, None
+            self.fingerprint = agreed
+        if result.average is None or len(replies) < self.min_sites:
+            log(
+                INFO, "aggregate_secure: %d sites in the sum, need %d", len(replies), self.min_sites
+            )
+            return None, None
+        names = list(self.expected)
+        if len(result.average) != len(names):
+            round_log.refuse(-1, f"the secure sum has {len(result.average)} arrays", "train")
+            return None, None
+        averaged = {}
+        for name, a in zip(names, result.average, strict=True):
+            if tuple(a.shape) != tuple(self.expected[name]) or not np.isfinite(a).all():
+                round_log.refuse(-1, f"the secure sum of '{name}' is malformed", "train")
+                return None, None
+            averaged[name] = a.astype(self._dtypes.get(name, a.dtype))
+        round_log.accepted = [u.node for u in replies]
+        log(INFO, "aggregate_secure: sum of %d updates (bound %.2e)", len(replies), result.bound)
+        arrays = ArrayRecord({k: Array(v) for k, v in averaged.items()})
+        return arrays, MetricRecord(weighted_metrics(replies))
+
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
@@ -289,10 +356,11 @@ def run_rounds(
     num_rounds: int,
     round_timeout: float,
     resume: bool = True,
+    secure: SecureAggregationConfig | None = None,
 ) -> list[dict]:
     """Run rounds until ``num_rounds``, checkpointing each; resumes after the last
     checkpointed round. Raises :class:`RoundFailedError` when a round cannot be aggregated
-    (the checkpoint keeps every completed round)."""
+    (the checkpoint keeps every completed round). ``secure``: train rounds through SecAgg+."""
     checkpoint = store.load_latest() if resume else None
     if checkpoint is not None:
         if set(checkpoint.arrays) != set(strategy.expected) or any(
@@ -318,9 +386,14 @@ def run_rounds(
         log(INFO, "[%s ROUND %d/%d]", strategy.mode.upper(), server_round, num_rounds)
         start = time.perf_counter()
         record = ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
-        sent = list(strategy.configure_train(server_round, record, ConfigRecord(), grid))
-        replies = list(grid.send_and_receive(sent, timeout=round_timeout))
-        aggregated, train_metrics = strategy.aggregate_train(server_round, replies)
+        if secure is not None and secure.enabled:
+            aggregated, train_metrics = _train_secure(
+                strategy, grid, server_round, record, secure, round_timeout
+            )
+        else:
+            sent = list(strategy.configure_train(server_round, record, ConfigRecord(), grid))
+            replies = list(grid.send_and_receive(sent, timeout=round_timeout))
+            aggregated, train_metrics = strategy.aggregate_train(server_round, replies)
         round_log = strategy.rounds[server_round]
         if aggregated is None:
             reasons = "; ".join(f"node {r['node']}: {r['reason']}" for r in round_log.refused)
@@ -332,17 +405,42 @@ def run_rounds(
         sent = list(strategy.configure_evaluate(server_round, aggregated, ConfigRecord(), grid))
         replies = list(grid.send_and_receive(sent, timeout=round_timeout))
         evaluation = strategy.aggregate_evaluate(server_round, replies)
-        history.append(
-            {
-                "round": server_round,
-                "train": dict(train_metrics or {}),
-                "evaluate": dict(evaluation or {}),
-                "sites": len(round_log.accepted),
-                "refused": round_log.refused,
-                "seconds": time.perf_counter() - start,
-            }
-        )
+        entry = {
+            "round": server_round,
+            "train": dict(train_metrics or {}),
+            "evaluate": dict(evaluation or {}),
+            "sites": len(round_log.accepted),
+            "refused": round_log.refused,
+            "seconds": time.perf_counter() - start,
+        }
+        if server_round in strategy.secure:
+            entry["secure"] = strategy.secure[server_round]
+        history.append(entry)
         store.save_round(server_round, arrays, strategy.fingerprint, history)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in list((evaluation or {}).items())[:4])
         log(INFO, "round %d: %d sites; test %s", server_round, len(round_log.accepted), shown)
     return history
+
+
+def _train_secure(
+    strategy: EncryptedFedAvg,
+    grid: Grid,
+    server_round: int,
+    record: ArrayRecord,
+    secure: SecureAggregationConfig,
+    timeout: float,
+) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    """One SecAgg+ train round; run again once if it failed only because sites disagreed
+    on the key before the federation's was known (now it is, stray sites refuse at once)."""
+    for _ in range(2):
+        known = strategy.fingerprint
+        sent = list(strategy.configure_train(server_round, record, ConfigRecord(), grid))
+        result = (
+            secure_round(grid, sent, server_round, secure, timeout) if sent else SecureResult(None)
+        )
+        aggregated, metrics = strategy.aggregate_secure(server_round, result)
+        if aggregated is not None or known is not None or strategy.fingerprint is None:
+            return aggregated, metrics
+        log(INFO, "secure round %d: retrying with the federation's key announced", server_round)
+        strategy.rounds[server_round] = RoundLog(refused=strategy.rounds[server_round].refused)
+    return aggregated, metrics

@@ -159,6 +159,13 @@ def _text(r: _Reader, name: str, default: Any = ...) -> str:
     return v
 
 
+def _fraction(r: _Reader, name: str, default: float) -> float:
+    v = r.number(name, default, strict=True)
+    if v > 1.0:
+        raise r.fail(name, "a fraction in (0, 1]", v)
+    return v
+
+
 def _location(r: _Reader, name: str, base: Path, default: Any = ...) -> Path:
     """A path that may be defaulted but not nulled."""
     v = r.path(name, base, default)
@@ -204,12 +211,32 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
+class SecureAggregationConfig:
+    """Flower's SecAgg+ so the aggregator learns only the sum of the sites' updates.
+
+    SecAgg+ works on integers: each site scales its update by ``num_examples / max_weight``,
+    clips it to ``[-clipping_range, clipping_range]`` and quantises it; the levels are set
+    per round from the site count (see :mod:`federation.secagg`). A site whose weighted
+    ciphertext entries leave the clipping range refuses rather than be silently clipped.
+    ``num_shares`` and ``reconstruction_threshold`` are fractions (of the round's sites and
+    of the shares) as in ``SecAggPlusWorkflow``.
+    """
+
+    enabled: bool = False
+    clipping_range: float = 32.0
+    max_weight: float = 10_000.0
+    num_shares: float = 1.0
+    reconstruction_threshold: float = 0.5
+
+
+@dataclass(frozen=True)
 class FederationConfig:
     """``min_sites``: replies needed to aggregate a round; ``encrypted: false`` runs the
     plaintext FedAvg baseline with the same seeds."""
 
     min_sites: int = 2
     encrypted: bool = True
+    secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
 
 
 @dataclass(frozen=True)
@@ -286,11 +313,26 @@ def experiment_from_dict(
     tr.done()
 
     fe = top.child("federation")
+    sa = fe.child("secure_aggregation")
+    secure = SecureAggregationConfig(
+        enabled=sa.boolean("enabled", False),
+        clipping_range=sa.number("clipping_range", 32.0, strict=True),
+        max_weight=sa.number("max_weight", 10_000.0, strict=True),
+        num_shares=_fraction(sa, "num_shares", 1.0),
+        reconstruction_threshold=_fraction(sa, "reconstruction_threshold", 0.5),
+    )
+    sa.done()
     federation = FederationConfig(
         min_sites=fe.integer("min_sites", min(2, sites.count), minimum=1),
         encrypted=fe.boolean("encrypted", True),
+        secure_aggregation=secure,
     )
     fe.done()
+    if secure.enabled and sites.count < 2:
+        raise ConfigError(
+            f"{source}: 'federation.secure_aggregation.enabled' needs 'sites.count' >= 2 "
+            f"(a secure sum over one site is that site's update), got {sites.count}"
+        )
     if federation.min_sites > sites.count:
         raise ConfigError(
             f"{source}: 'federation.min_sites' must be <= 'sites.count' ({sites.count}), "

@@ -16,6 +16,11 @@ Train reply (site -> aggregator)::
 
 Evaluate message: as train. Evaluate reply: METRICS and SITE only (no arrays).
 A site that cannot or will not reply with an update answers with an ``Error`` instead.
+
+Secure aggregation (``federation.secure_aggregation``) runs Flower's SecAgg+ around the
+train message: its four stages are train messages carrying Flower's ``secaggplus_configs``
+record; the third also carries ARRAYS and CONFIG as above, and the site's reply is Flower's
+legacy ``fitres`` (masked integer vectors only; METRICS and SITE entries become its metrics).
 """
 
 from __future__ import annotations
@@ -32,6 +37,10 @@ MODE = "mode"
 MODE_ENCRYPTED = "encrypted"
 MODE_PLAINTEXT = "plaintext"
 MODES = (MODE_ENCRYPTED, MODE_PLAINTEXT)
+
+# The site's own Context.state record of the SecAgg+ settings announced at setup (Flower's
+# ``Key.CLIPPING_RANGE``, ``Key.MAX_WEIGHT``, ``Key.TARGET_RANGE``), to check its update.
+SECURE_SETTINGS = "more-fl.secure-aggregation"
 
 # MetricRecord / ConfigRecord entries sent back by sites.
 NUM_EXAMPLES = "num-examples"

@@ -14,10 +14,18 @@ from torch import nn
 
 from federation.more.cipher import refresh
 from federation.more.keys import MoreKey
+from federation.more.tensor import EncryptedTensor
 from federation.nn.convert import encrypted_parameters
 from federation.nn.train import EncryptedSGD
 
 StepHook = Callable[[int, int], None]
+
+
+@torch.no_grad()
+def refresh_in_place(tensors: list[EncryptedTensor], key: MoreKey) -> None:
+    """Re-encrypt each tensor in place (same values in both channels, in-algebra again)."""
+    for t in tensors:
+        t.entries.copy_(refresh(t.detach(), key).entries)
 
 
 def refresher(
@@ -34,8 +42,8 @@ def refresher(
         count += 1
         if count % every:
             return
-        tensors = list(encrypted_parameters(model).values()) + optimizer.momentum_buffers()
-        for t in tensors:
-            t.entries.copy_(refresh(t.detach(), key).entries)
+        refresh_in_place(
+            list(encrypted_parameters(model).values()) + optimizer.momentum_buffers(), key
+        )
 
     return hook

@@ -37,6 +37,7 @@ from federation.nn.train import (
     plain_loss,
     predict_encrypted,
 )
+from federation.refresh import refresh_in_place
 from federation.tasks.base import TaskData
 
 
@@ -98,8 +99,12 @@ class Site:
             return plain
         twin = to_encrypted(plain, None, dtype=dtype)
         state = {k: torch.as_tensor(np.asarray(v)) for k, v in arrays.items()}
-        # A global model is under the federation key (or key-free in round 1).
+        # A global model is under the federation key (or key-free in round 1). Re-encrypt it:
+        # whatever the aggregation left outside the key's algebra (round-off, or SecAgg+'s
+        # quantisation noise) would otherwise grow during training.
         load_encrypted_state(twin, state, self.fingerprint)
+        assert self._key is not None
+        refresh_in_place(list(encrypted_parameters(twin).values()), self._key)
         return twin
 
     def train(self, arrays: Mapping[str, np.ndarray], server_round: int) -> LocalUpdate:

@@ -9,6 +9,10 @@ and rebuilds it (the encryption is seeded, so the ciphertexts are the same every
 Any failure, a :class:`~federation.site.SiteError` (e.g. a diverged shadow channel) or
 anything else, becomes an ``Error`` reply with a one-line reason: the update is never sent,
 and the traceback stays in the site's own log.
+
+When the aggregator runs secure aggregation, Flower's ``secaggplus_mod`` wraps ``train``:
+the update leaves the site only quantised and masked. A site whose experiment enables
+secure aggregation refuses to send an update any other way.
 """
 
 from __future__ import annotations
@@ -28,12 +32,17 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
-from flwr.common import log
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import Code, FitRes, Status, log, ndarrays_to_parameters
 from flwr.common.constant import ErrorCode
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
 from federation import protocol
 from federation.config import ExperimentConfig, find_experiment, load_experiment
+from federation.secagg import check_quantisable
 from federation.site import Site, SiteError
 
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -150,11 +159,68 @@ def _error_reply(msg: Message, context: Context, exc: Exception) -> Message:
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
 
 
-@app.train()
+def _secure_round(msg: Message) -> bool:
+    return RECORD_KEY_CONFIGS in msg.content.config_records
+
+
+def _fitres_reply(msg: Message, context: Context, reply: Message) -> Message:
+    """``train``'s reply as the legacy ``fitres`` that ``secaggplus_mod`` masks, once the
+    update is known to fit the announced quantisation (clipping would corrupt it)."""
+    if reply.has_error():
+        raise SiteError(reply.error.reason)
+    announced = context.state.config_records[protocol.SECURE_SETTINGS]
+    content = reply.content
+    update = content[protocol.ARRAYS]
+    # The global model's order, which is the aggregator's: the masked vector has no names.
+    arrays = [update[name].numpy() for name in msg.content[protocol.ARRAYS]]
+    metrics = dict(content[protocol.METRICS])
+    num_examples = int(metrics.pop(protocol.NUM_EXAMPLES))
+    try:
+        check_quantisable(
+            dict(zip(msg.content[protocol.ARRAYS], arrays, strict=True)),
+            num_examples,
+            clipping_range=float(announced[Key.CLIPPING_RANGE]),
+            max_weight=float(announced[Key.MAX_WEIGHT]),
+            levels=int(announced[Key.TARGET_RANGE]),
+        )
+    except ValueError as exc:
+        raise SiteError(f"site refuses to send its update: {exc}") from None
+    fitres = FitRes(
+        status=Status(Code.OK, "OK"),
+        parameters=ndarrays_to_parameters(arrays),
+        num_examples=num_examples,
+        metrics={**metrics, **dict(content[protocol.SITE])},
+    )
+    return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+
+def secure_aggregation(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Run Flower's SecAgg+ around ``train`` when the aggregator asks for it (the message
+    carries its stage); remember the announced quantisation to check the update against."""
+    if not _secure_round(msg):
+        return call_next(msg, context)
+    configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+    if configs.get(Key.STAGE) == Stage.SETUP:
+        context.state.config_records[protocol.SECURE_SETTINGS] = ConfigRecord(
+            {k: configs[k] for k in (Key.CLIPPING_RANGE, Key.MAX_WEIGHT, Key.TARGET_RANGE)}
+        )
+
+    def masked_train(inner: Message, ctx: Context) -> Message:
+        return _fitres_reply(inner, ctx, call_next(inner, ctx))
+
+    return secaggplus_mod(msg, context, masked_train)
+
+
+@app.train(mods=[secure_aggregation])
 def train(msg: Message, context: Context) -> Message:
     """Local training on the site's encrypted data; replies with the encrypted update."""
     try:
         site, server_round = _site(msg, context)
+        if site.config.federation.secure_aggregation.enabled and not _secure_round(msg):
+            raise SiteError(
+                f"site {site.site_id} refuses to send an unmasked update: experiment "
+                f"{site.config.name!r} requires secure aggregation"
+            )
         update = site.train(_arrays(msg), server_round)
     except Exception as exc:  # every failure is an error reply, never a partial update
         return _error_reply(msg, context, exc)

@@ -129,6 +129,17 @@ def _flwr_run(env: dict[str, str], sites: int, settings: dict[str, object], tmp:
     return json.loads(listed.stdout)["runs"][0]
 
 
+def _encrypted_only(experiment: Path, output: Path) -> dict[str, object]:
+    """Run config for the encrypted federation alone (no baseline, no reference)."""
+    return {
+        "experiment": str(experiment),
+        "output-dir": str(output),
+        "baseline": False,
+        "centralised": False,
+        "resume": False,
+    }
+
+
 def test_flwr_run_wbc_encrypted_equals_plaintext_in_the_report(
     flwr_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -170,25 +181,26 @@ def test_flwr_run_trains_each_task_encrypted(
         data = yaml.safe_load(experiment.read_text())
         data["model"] = {"arch": "cnn", "options": {"image_size": 32}}
         experiment.write_text(yaml.safe_dump(data))
-    settings = {
-        "experiment": str(experiment),
-        "output-dir": str(tmp_path / "out"),
-        "baseline": False,
-        "centralised": False,
-        "resume": False,
-    }
+    settings = _encrypted_only(experiment, tmp_path / "out")
     run = _flwr_run(flwr_env, 2, settings, tmp_path)
     assert run["status"] == "finished:completed", (tmp_path / "run.log").read_text()
     (entry,) = json.loads((tmp_path / "out" / "encrypted" / RunStore.HISTORY).read_text())
     assert entry["sites"] == 2 and 0.0 <= entry["evaluate"]["accuracy"] <= 1.0
 
 
+@pytest.mark.parametrize("secure", [False, True], ids=["fedavg", "secagg"])
 def test_loopback_deployment_over_tls_survives_a_killed_site_and_leaves_nothing_running(
-    tmp_path: Path,
+    tmp_path: Path, secure: bool
 ) -> None:
+    """With SecAgg+, the killed site dies after sharing its keys: its masks are rebuilt
+    from the other sites' shares, in real SuperNodes (a ClientApp process per message)."""
     experiment = _experiment(
         tmp_path, "wbc-deploy", {"name": "wbc", "options": {"n_samples": 300}}, 3, 1
     )
+    if secure:
+        data = yaml.safe_load(experiment.read_text())
+        data["federation"]["secure_aggregation"] = {"enabled": True, "max_weight": 1000}
+        experiment.write_text(yaml.safe_dump(data))
     key = save_key(generate_key(99), tmp_path / "federation.key")
     port = _free_port()
     spec = {
@@ -226,9 +238,29 @@ def test_loopback_deployment_over_tls_survives_a_killed_site_and_leaves_nothing_
     assert entry["sites"] == 2
     assert [r["stage"] for r in entry["refused"]] == ["train"]
     assert "Node Unavailable" in entry["refused"][0]["reason"]
+    assert ("secure" in entry) == secure
     checkpoint = RunStore(tmp_path / "out" / "encrypted").load_latest()
     assert checkpoint is not None and checkpoint.fingerprint == generate_key(99).fingerprint
     assert "status: **completed**" in result.report.read_text()
     assert (result.logs / "superlink.log").read_text().count("Activated node_id") >= 3
     assert not [p for p in seen if deploy.alive(p)]
     assert not _pids_wait_gone(str(tmp_path))
+
+
+def test_flwr_run_with_secure_aggregation_sums_masked_updates(
+    flwr_env: dict[str, str], tmp_path: Path
+) -> None:
+    """SecAgg+ in Flower's own simulation runtime (node state kept between its stages)."""
+    experiment = _experiment(
+        tmp_path, "wbc-secagg", {"name": "wbc", "options": {"n_samples": 300}}, 3, 2
+    )
+    data = yaml.safe_load(experiment.read_text())
+    data["federation"]["secure_aggregation"] = {"enabled": True, "max_weight": 1000}
+    experiment.write_text(yaml.safe_dump(data))
+    settings = _encrypted_only(experiment, tmp_path / "out")
+    run = _flwr_run(flwr_env, 3, settings, tmp_path)
+    assert run["status"] == "finished:completed", (tmp_path / "run.log").read_text()
+    history = json.loads((tmp_path / "out" / "encrypted" / RunStore.HISTORY).read_text())
+    assert [h["sites"] for h in history] == [3, 3]
+    assert all(h["secure"]["levels"] == 2**30 and not h["refused"] for h in history)
+    assert history[1]["evaluate"]["loss"] < history[0]["evaluate"]["loss"]
