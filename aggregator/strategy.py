@@ -27,7 +27,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from aggregator.secure import SecureResult, secure_round
+from aggregator.secure import SecureReply, SecureResult, secure_round
 from federation import protocol
 from federation.aggregation import InvalidUpdate, RunStore, fedavg, validate_update
 from federation.config import SecureAggregationConfig
@@ -81,6 +81,27 @@ def _unpack(msg: Message, node: int, *, with_arrays: bool) -> SiteReply:
         raise InvalidUpdate("malformed reply: metrics must be finite numbers")
     values = {k: float(v) for k, v in metrics.items()}
     return SiteReply(node, site, arrays, num_examples, fingerprint, values)
+
+
+def _secure_reply(r: SecureReply) -> SiteReply:
+    """What a site reported in clear beside its masked update; InvalidUpdate if malformed."""
+    metrics = dict(r.metrics)
+    fingerprint = metrics.pop(protocol.FINGERPRINT, None)
+    site = metrics.pop(protocol.SITE_ID, -1)
+    if isinstance(site, bool) or not isinstance(site, int):
+        raise InvalidUpdate(f"malformed site id {site!r}")
+    if fingerprint is not None and not isinstance(fingerprint, str):
+        raise InvalidUpdate(f"malformed key fingerprint {fingerprint!r}")
+    n = r.num_examples
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise InvalidUpdate(f"num-examples must be a positive integer, got {n!r}")
+    if not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        for v in metrics.values()
+    ):
+        raise InvalidUpdate("malformed metrics: not finite numbers")
+    values = {k: float(v) for k, v in metrics.items()}
+    return SiteReply(r.node, site, {}, n, fingerprint, values)
 
 
 def weighted_metrics(updates: list[SiteReply]) -> dict[str, float]:
@@ -278,15 +299,11 @@ class EncryptedFedAvg(FedAvg):
             round_log.refuse(node, f"dropped out of the secure round: {reason}", "train")
         replies: list[SiteReply] = []
         for r in result.replies:
-            metrics = dict(r.metrics)
-            fingerprint = metrics.pop(protocol.FINGERPRINT, None)
-            site = metrics.pop(protocol.SITE_ID, -1)
-            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in metrics.values()):
-                round_log.refuse(r.node, "malformed metrics: not finite numbers", "train")
+            try:
+                replies.append(_secure_reply(r))
+            except InvalidUpdate as exc:
+                round_log.refuse(r.node, f"{exc}; it is in the secure sum", "train")
                 return None, None
-            values = {k: float(v) for k, v in metrics.items()}
-            fp = str(fingerprint) if fingerprint is not None else None
-            replies.append(SiteReply(r.node, int(site), {}, r.num_examples, fp, values))
         if self.encrypted and replies:
             counts = Counter(u.fingerprint for u in replies).most_common()
             majority = counts[0][0] if len(counts) == 1 or counts[0][1] > counts[1][1] else None

@@ -17,7 +17,7 @@ from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.secure import secure_round
+from aggregator.secure import SecureReply, SecureResult, secure_round
 from aggregator.server_app import main
 from aggregator.strategy import EncryptedFedAvg, RoundFailedError
 from federation import protocol
@@ -340,3 +340,42 @@ def test_a_site_under_another_key_stands_aside_and_the_round_is_retried(
     assert any("mixes keys" in r for r in reasons) and any(
         "check this site's key" in r for r in reasons
     )
+
+
+_junk = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=5),
+    st.binary(max_size=5),
+    st.lists(st.integers(), max_size=2),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    metrics=st.lists(
+        st.dictionaries(
+            st.sampled_from([protocol.FINGERPRINT, protocol.SITE_ID, "loss", "x"]), _junk
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+    counts=st.lists(_junk, min_size=3, max_size=3),
+    shape_ok=st.booleans(),
+    fill=st.sampled_from([0.5, np.nan, np.inf]),
+)
+def test_hostile_clear_text_beside_a_secure_sum_never_crashes_the_aggregator(
+    experiment: Path, metrics: list[dict], counts: list, shape_ok: bool, fill: float
+) -> None:
+    """Whatever sites report in clear, the strategy refuses the round or accepts a finite,
+    well-shaped average; it never raises."""
+    strategy = _strategy(experiment)
+    shapes = list(strategy.expected.values())
+    average = [np.full(s if shape_ok else (*s, 1), fill) for s in shapes]
+    replies = [SecureReply(1000 + i, counts[i], m) for i, m in enumerate(metrics)]
+    arrays, _ = strategy.aggregate_secure(1, SecureResult(average, replies, levels=2**30))
+    if arrays is not None:
+        assert all(np.isfinite(a.numpy()).all() for a in arrays.values())
+        assert {k: tuple(a.shape) for k, a in arrays.items()} == strategy.expected
