@@ -44,10 +44,11 @@ class SecureReply:
 
 @dataclass
 class SecureResult:
-    """The unmasked weighted average (``None`` if the protocol halted), the sites in it
+    """The unmasked weighted average by array name, in the global model's dtypes (``None`` if
+    the protocol halted), the sites in it
     (``replies``), the others (``dropped``, with ``errors`` where a site said why)."""
 
-    average: list[np.ndarray] | None
+    average: dict[str, np.ndarray] | None
     replies: list[SecureReply] = field(default_factory=list)
     dropped: list[int] = field(default_factory=list)
     errors: dict[int, str] = field(default_factory=dict)
@@ -207,8 +208,18 @@ def secure_round(
     for stage in (workflow.collect_masked_vectors_stage, workflow.unmask_stage):
         completed = completed and stage(recorder, context, stages)
     weights = [r.num_examples for r in collect.replies]
+    average = None
+    if completed and collect.average is not None:
+        # Sites send their arrays in the global model's order (the masked vector is nameless);
+        # a sum of another length keeps positional names, which validation then refuses.
+        model = messages[0].content[protocol.ARRAYS]
+        if len(collect.average) == len(model):
+            named = zip(model.items(), collect.average, strict=True)
+            average = {name: a.astype(np.dtype(ref.dtype)) for (name, ref), a in named}
+        else:
+            average = {f"array {i}": a for i, a in enumerate(collect.average)}
     return SecureResult(
-        average=collect.average if completed else None,
+        average=average,
         replies=collect.replies,
         dropped=sorted(set(nodes) - {r.node for r in collect.replies}),
         errors=recorder.errors,

@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -75,9 +76,24 @@ def _unpack(msg: Message, node: int, *, with_arrays: bool) -> SiteReply:
         site = int(identity.get(protocol.SITE_ID, -1))
     except (KeyError, TypeError, ValueError) as exc:
         raise InvalidUpdate(f"malformed reply ({type(exc).__name__}: {exc})") from None
+    return _site_reply(node, site, arrays, num_examples, fingerprint, metrics)
+
+
+def _site_reply(
+    node: int,
+    site: int,
+    arrays: dict[str, np.ndarray],
+    num_examples: Any,
+    fingerprint: str | None,
+    metrics: Mapping[str, Any],
+) -> SiteReply:
+    """A SiteReply once its example count and metrics are sound; InvalidUpdate if not."""
     if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
         raise InvalidUpdate(f"num-examples must be a positive integer, got {num_examples!r}")
-    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in metrics.values()):
+    if not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        for v in metrics.values()
+    ):
         raise InvalidUpdate("malformed reply: metrics must be finite numbers")
     values = {k: float(v) for k, v in metrics.items()}
     return SiteReply(node, site, arrays, num_examples, fingerprint, values)
@@ -92,16 +108,15 @@ def _secure_reply(r: SecureReply) -> SiteReply:
         raise InvalidUpdate(f"malformed site id {site!r}")
     if fingerprint is not None and not isinstance(fingerprint, str):
         raise InvalidUpdate(f"malformed key fingerprint {fingerprint!r}")
-    n = r.num_examples
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise InvalidUpdate(f"num-examples must be a positive integer, got {n!r}")
-    if not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        for v in metrics.values()
-    ):
-        raise InvalidUpdate("malformed metrics: not finite numbers")
-    values = {k: float(v) for k, v in metrics.items()}
-    return SiteReply(r.node, site, {}, n, fingerprint, values)
+    return _site_reply(r.node, site, {}, r.num_examples, fingerprint, metrics)
+
+
+def _majority(updates: list[SiteReply]) -> tuple[str | None, dict[str | None, int]]:
+    """The key fingerprint a strict majority of ``updates`` hold (None on a tie at the top),
+    with the counts."""
+    counts = Counter(u.fingerprint for u in updates).most_common()
+    tie = len(counts) > 1 and counts[0][1] == counts[1][1]
+    return (None if tie or not counts else counts[0][0]), dict(counts)
 
 
 def weighted_metrics(updates: list[SiteReply]) -> dict[str, float]:
@@ -155,7 +170,6 @@ class EncryptedFedAvg(FedAvg):
         self.rounds: dict[int, RoundLog] = {}
         self.secure: dict[int, dict[str, object]] = {}
         self._sent: list[Message] = []
-        self._dtypes: dict[str, np.dtype] = {}
 
     def summary(self) -> None:
         super().summary()
@@ -189,7 +203,6 @@ class EncryptedFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._await_sites(grid)
-        self._dtypes = {k: np.dtype(a.dtype) for k, a in arrays.items()}
         sent = super().configure_train(server_round, arrays, self._settings(config), grid)
         self._sent = list(sent)
         return self._sent
@@ -219,18 +232,17 @@ class EncryptedFedAvg(FedAvg):
         """The federation's key: kept if known, else the strict majority of this round."""
         if self.fingerprint is not None or not self.encrypted or not updates:
             return self.fingerprint
-        counts = Counter(u.fingerprint for u in updates).most_common()
-        if len(counts) > 1 and counts[0][1] == counts[1][1]:
+        majority, counts = _majority(updates)
+        if majority is None:
             for u in updates:
                 round_log.refuse(
                     u.node,
-                    f"no majority among key fingerprints {dict(counts)}: sites disagree on "
+                    f"no majority among key fingerprints {counts}: sites disagree on "
                     "the key, so no update can be trusted",
                     "train",
                 )
             updates.clear()
-            return None
-        return counts[0][0]
+        return majority
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -305,8 +317,7 @@ class EncryptedFedAvg(FedAvg):
                 round_log.refuse(r.node, f"{exc}; it is in the secure sum", "train")
                 return None, None
         if self.encrypted and replies:
-            counts = Counter(u.fingerprint for u in replies).most_common()
-            majority = counts[0][0] if len(counts) == 1 or counts[0][1] > counts[1][1] else None
+            majority, _ = _majority(replies)
             agreed = self.fingerprint or majority
             strays = [u for u in replies if u.fingerprint != agreed]
             if agreed is None or strays:
@@ -326,19 +337,21 @@ class EncryptedFedAvg(FedAvg):
                 INFO, "aggregate_secure: %d sites in the sum, need %d", len(replies), self.min_sites
             )
             return None, None
-        names = list(self.expected)
-        if len(result.average) != len(names):
-            round_log.refuse(-1, f"the secure sum has {len(result.average)} arrays", "train")
+        try:
+            validate_update(
+                result.average,
+                sum(u.num_examples for u in replies),
+                self.fingerprint,
+                expected=self.expected,
+                federation_fingerprint=self.fingerprint,
+                encrypted=self.encrypted,
+            )
+        except InvalidUpdate as exc:
+            round_log.refuse(-1, f"the secure sum is malformed: {exc}", "train")
             return None, None
-        averaged = {}
-        for name, a in zip(names, result.average, strict=True):
-            if tuple(a.shape) != tuple(self.expected[name]) or not np.isfinite(a).all():
-                round_log.refuse(-1, f"the secure sum of '{name}' is malformed", "train")
-                return None, None
-            averaged[name] = a.astype(self._dtypes.get(name, a.dtype))
         round_log.accepted = [u.node for u in replies]
         log(INFO, "aggregate_secure: sum of %d updates (bound %.2e)", len(replies), result.bound)
-        arrays = ArrayRecord({k: Array(v) for k, v in averaged.items()})
+        arrays = ArrayRecord({k: Array(result.average[k]) for k in self.expected})
         return arrays, MetricRecord(weighted_metrics(replies))
 
     def aggregate_evaluate(

@@ -172,12 +172,12 @@ def _fitres_reply(msg: Message, context: Context, reply: Message) -> Message:
     content = reply.content
     update = content[protocol.ARRAYS]
     # The global model's order, which is the aggregator's: the masked vector has no names.
-    arrays = [update[name].numpy() for name in msg.content[protocol.ARRAYS]]
+    arrays = {name: update[name].numpy() for name in msg.content[protocol.ARRAYS]}
     metrics = dict(content[protocol.METRICS])
     num_examples = int(metrics.pop(protocol.NUM_EXAMPLES))
     try:
         check_quantisable(
-            dict(zip(msg.content[protocol.ARRAYS], arrays, strict=True)),
+            arrays,
             num_examples,
             clipping_range=float(announced[Key.CLIPPING_RANGE]),
             max_weight=float(announced[Key.MAX_WEIGHT]),
@@ -187,7 +187,7 @@ def _fitres_reply(msg: Message, context: Context, reply: Message) -> Message:
         raise SiteError(f"site refuses to send its update: {exc}") from None
     fitres = FitRes(
         status=Status(Code.OK, "OK"),
-        parameters=ndarrays_to_parameters(arrays),
+        parameters=ndarrays_to_parameters(list(arrays.values())),
         num_examples=num_examples,
         metrics={**metrics, **dict(content[protocol.SITE])},
     )

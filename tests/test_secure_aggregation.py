@@ -109,10 +109,8 @@ def _within_bound(result, updates: list[tuple[dict, int]], names: list[str], sec
         levels=result.levels,
         peak=peak,
     )
-    worst = max(
-        float(np.abs(a - expected[name]).max())
-        for name, a in zip(names, result.average, strict=True)
-    )
+    assert list(result.average) == names
+    worst = max(float(np.abs(result.average[name] - expected[name]).max()) for name in names)
     assert 0 < worst <= bound < 1e-6
     return worst
 
@@ -372,8 +370,9 @@ def test_hostile_clear_text_beside_a_secure_sum_never_crashes_the_aggregator(
     """Whatever sites report in clear, the strategy refuses the round or accepts a finite,
     well-shaped average; it never raises."""
     strategy = _strategy(experiment)
-    shapes = list(strategy.expected.values())
-    average = [np.full(s if shape_ok else (*s, 1), fill) for s in shapes]
+    average = {
+        name: np.full(s if shape_ok else (*s, 1), fill) for name, s in strategy.expected.items()
+    }
     replies = [SecureReply(1000 + i, counts[i], m) for i, m in enumerate(metrics)]
     arrays, _ = strategy.aggregate_secure(1, SecureResult(average, replies, levels=2**30))
     if arrays is not None:
