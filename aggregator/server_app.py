@@ -2,8 +2,8 @@
 
 It never reads a key. Run config (``[tool.flwr.app.config]``, ``flwr run --run-config``):
 
-- ``experiment``: the experiment YAML (absolute, or relative to ``project-dir``, the working
-  directory or the installed app; the first that holds it);
+- ``experiment``: the experiment YAML (absolute, or relative to ``project-dir`` when set,
+  else to the app that ``flwr run`` submitted; never the working directory);
 - ``output-dir``: where the run directories go (empty: the experiment's ``output_dir``);
 - ``baseline``: also run the plaintext federation with the same seeds (simulation only: a
   deployed site refuses to send plaintext);
@@ -12,24 +12,40 @@ It never reads a key. Run config (``[tool.flwr.app.config]``, ``flwr run --run-c
 - ``round-timeout`` / ``join-timeout``: seconds to wait for replies / for late sites.
 
 Each mode writes ``<output_dir>/<mode>/`` (checkpoint and history after every round), and
-the report (``report.md``, ``metrics.png``, ``rounds.png``) goes into ``<output_dir>``.
+the report (``report.md``, ``metrics.png``, ``rounds.png``) goes into ``<output_dir>``. The
+directory is locked for the run, and a resume under changed settings is refused.
+
+In simulation the site count is Flower's node count (``--federation-config
+"num-supernodes=N"``; Flower's default is 2), whatever ``sites.count`` says; deployed, it is
+``sites.count``. A run that cannot complete ends with one line naming the cause, a report
+that says so, and a failed Flower run status.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from logging import ERROR, INFO
+from logging import DEBUG, ERROR, INFO, WARNING
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid import InMemoryGrid
 
-from aggregator.strategy import EncryptedFedAvg, run_rounds
+from aggregator.strategy import EncryptedFedAvg, RoundFailedError, run_rounds
 from federation import protocol
 from federation.aggregation import RunStore, centralised_history, expected_shapes, initial_arrays
-from federation.config import ExperimentConfig, find_experiment, load_experiment
-from federation.report import write_report
+from federation.config import (
+    ExperimentConfig,
+    experiment_digest,
+    experiment_fields,
+    find_experiment,
+    load_experiment,
+    with_site_count,
+)
+from federation.report import Failure, clear_report, closing_summary, write_report
+from federation.rundir import RunLock, check_resume
+from federation.runtime import check_app_environment
 
 APP_DIR = Path(__file__).resolve().parents[1]
 """The app's root: the project checkout, or the copy Flower installed from the FAB."""
@@ -67,6 +83,10 @@ class RunSettings:
         )
 
 
+class RunFailed(RuntimeError):
+    """The run could not complete; the message is the one line that says why."""
+
+
 def modes(config: ExperimentConfig, baseline: bool) -> list[str]:
     """The federated runs to do: the configured mode, plus the plaintext baseline."""
     if not config.federation.encrypted:
@@ -74,8 +94,23 @@ def modes(config: ExperimentConfig, baseline: bool) -> list[str]:
     return [protocol.MODE_ENCRYPTED] + ([protocol.MODE_PLAINTEXT] if baseline else [])
 
 
+def site_count(grid: Grid, config: ExperimentConfig) -> int:
+    """In a Flower simulation, the node count (so the default federation always fits);
+    deployed, the experiment's ``sites.count``."""
+    if isinstance(grid, InMemoryGrid):
+        return len(list(grid.get_node_ids()))
+    return config.sites.count
+
+
 def run_mode(
-    grid: Grid, config: ExperimentConfig, mode: str, output_dir: Path, settings: RunSettings
+    grid: Grid,
+    config: ExperimentConfig,
+    mode: str,
+    output_dir: Path,
+    settings: RunSettings,
+    digest: str,
+    *,
+    resume: bool,
 ) -> list[dict]:
     """One federated run (encrypted or plaintext) into ``<output_dir>/<mode>``."""
     encrypted = mode == protocol.MODE_ENCRYPTED
@@ -87,35 +122,80 @@ def run_mode(
         min_sites=config.federation.min_sites,
         join_timeout=settings.join_timeout,
     )
+    strategy.settings = {
+        protocol.EXPERIMENT_DIGEST: digest,
+        protocol.NUM_SITES: config.sites.count,
+    }
+    store = RunStore(output_dir / mode)
+    if not resume:
+        store.clear()
     return run_rounds(
         strategy,
         grid,
-        RunStore(output_dir / mode),
+        store,
         initial=initial_arrays(mode_config),
         num_rounds=config.training.rounds,
         round_timeout=settings.round_timeout,
-        resume=settings.resume,
+        resume=resume,
         secure=config.federation.secure_aggregation,
     )
+
+
+def _failure(exc: Exception) -> Failure:
+    if isinstance(exc, RoundFailedError):
+        return Failure(str(exc), mode=exc.mode, server_round=exc.server_round, refused=exc.refused)
+    return Failure(str(exc) or type(exc).__name__)
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the experiment's federated rounds, then write the report (also on failure)."""
-    settings = RunSettings.from_run_config(context.run_config)
-    config = load_experiment(settings.experiment)
+    try:
+        check_app_environment()
+        settings = RunSettings.from_run_config(context.run_config)
+        declared = load_experiment(settings.experiment)
+        digest = experiment_digest(declared)
+        count = site_count(grid, declared)
+        config = with_site_count(declared, count)
+    except Exception as exc:  # nothing ran yet: one line, a failed run status
+        log(ERROR, "run failed before round 1: %s", exc)
+        raise RunFailed(str(exc)) from None
+    if count != declared.sites.count:
+        log(
+            WARNING,
+            "the simulation has %d SuperNodes: running %d sites (%s says sites.count %d)",
+            count,
+            count,
+            settings.experiment.name,
+            declared.sites.count,
+        )
     output_dir = settings.output_dir or config.output_dir.resolve()
     log(INFO, "experiment %s (%s) -> %s", config.name, settings.experiment, output_dir)
-    status = "completed"
     try:
-        for mode in modes(config, settings.baseline):
-            run_mode(grid, config, mode, output_dir, settings)
+        lock = RunLock(output_dir, f"run {context.run_id} of {settings.experiment}")
+        lock.acquire()
     except Exception as exc:
-        status = f"failed: {exc}"
-        log(ERROR, "run failed: %s", exc)
-        raise
+        log(ERROR, "run failed before round 1: %s", exc)
+        raise RunFailed(str(exc)) from None
+    failure: Failure | None = None
+    try:
+        try:
+            resume = check_resume(output_dir, experiment_fields(config), resume=settings.resume)
+            if not resume:
+                clear_report(output_dir)
+            for mode in modes(config, settings.baseline):
+                run_mode(grid, config, mode, output_dir, settings, digest, resume=resume)
+        except Exception as exc:  # reported below as one line; the traceback at DEBUG only
+            log(DEBUG, "run failed", exc_info=exc)
+            failure = _failure(exc)
+        centralised = None
+        if settings.centralised and failure is None:
+            centralised = centralised_history(config)
+        report = write_report(output_dir, config, centralised=centralised, failure=failure)
     finally:
-        completed = status == "completed"
-        centralised = centralised_history(config) if settings.centralised and completed else None
-        report = write_report(output_dir, config, centralised=centralised, status=status)
-        log(INFO, "report: %s", report)
+        lock.release()
+    for line in closing_summary(output_dir, report, failure):
+        log(INFO, "%s", line)
+    if failure is not None:
+        log(ERROR, "run failed: %s", failure.describe())
+        raise RunFailed(failure.describe()) from None

@@ -35,7 +35,13 @@ from federation.config import SecureAggregationConfig
 
 
 class RoundFailedError(RuntimeError):
-    """Fewer than ``min_sites`` valid updates arrived: the round cannot be aggregated."""
+    """Fewer than ``min_sites`` valid updates arrived: the round cannot be aggregated.
+
+    Carries the round and its refused replies, so the report can list every one."""
+
+    def __init__(self, message: str, *, mode: str, server_round: int, refused: list) -> None:
+        super().__init__(message)
+        self.mode, self.server_round, self.refused = mode, server_round, refused
 
 
 @dataclass
@@ -56,10 +62,18 @@ class RoundLog:
 
     accepted: list[int] = field(default_factory=list)
     refused: list[dict[str, object]] = field(default_factory=list)
+    missing: list[int] = field(default_factory=list)
+    sites: dict[int, int] = field(default_factory=dict)
+    """node -> site id, as far as the federation has learnt it (replies name their site)."""
 
     def refuse(self, node: int, reason: str, stage: str) -> None:
-        log(WARNING, "%s: refused reply of node %s: %s", stage, node, reason)
-        self.refused.append({"node": node, "stage": stage, "reason": reason})
+        site = self.sites.get(node)
+        who = f"site {site}" if site is not None else f"node {node}"
+        log(WARNING, "%s: refused reply of %s: %s", stage, who, reason)
+        entry: dict[str, object] = {"node": node, "stage": stage, "reason": reason}
+        if site is not None:
+            entry["site"] = site
+        self.refused.append(entry)
 
 
 def _unpack(msg: Message, node: int, *, with_arrays: bool) -> SiteReply:
@@ -169,7 +183,27 @@ class EncryptedFedAvg(FedAvg):
         self.joined = False
         self.rounds: dict[int, RoundLog] = {}
         self.secure: dict[int, dict[str, object]] = {}
+        self.sites: dict[int, int] = {}
+        """node -> site id learnt from replies, to name a site that later goes missing."""
+        self.settings: dict[str, str | int] = {}
+        """Extra entries of every message's CONFIG (the experiment digest, the site count)."""
         self._sent: list[Message] = []
+
+    def round_log(self, server_round: int) -> RoundLog:
+        return self.rounds.setdefault(server_round, RoundLog(sites=self.sites))
+
+    def _learn(self, reply: SiteReply) -> None:
+        if reply.site >= 0:
+            self.sites[reply.node] = reply.site
+
+    def note_missing(self, server_round: int) -> None:
+        """Name every known site that neither replied nor was refused this round."""
+        round_log = self.round_log(server_round)
+        seen = {self.sites.get(n) for n in round_log.accepted}
+        seen |= {r.get("site") for r in round_log.refused}
+        round_log.missing = sorted(set(self.sites.values()) - seen)
+        for site in round_log.missing:
+            log(WARNING, "round %d: site %d is missing (no reply)", server_round, site)
 
     def summary(self) -> None:
         super().summary()
@@ -195,6 +229,8 @@ class EncryptedFedAvg(FedAvg):
         """The mode, and the federation's fingerprint once known (a site under another key
         can then refuse at once instead of training on ciphertexts it cannot read)."""
         config[protocol.MODE] = self.mode
+        for name, value in self.settings.items():
+            config[name] = value
         if self.fingerprint is not None:
             config[protocol.FINGERPRINT] = self.fingerprint
         return config
@@ -248,11 +284,12 @@ class EncryptedFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate every reply, then FedAvg the valid ones if there are ``min_sites``."""
-        round_log = self.rounds.setdefault(server_round, RoundLog())
+        round_log = self.round_log(server_round)
         candidates: list[SiteReply] = []
         for node, msg in self._by_node(replies, round_log, "train"):
             try:
                 update = _unpack(msg, node, with_arrays=True)
+                self._learn(update)
                 validate_update(
                     update.arrays,
                     update.num_examples,
@@ -300,7 +337,7 @@ class EncryptedFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Accept a SecAgg+ average only if every site in the sum was a valid, same-key
         update: one bad update cannot be taken out of a sum, so it spoils the round."""
-        round_log = self.rounds.setdefault(server_round, RoundLog())
+        round_log = self.round_log(server_round)
         self.secure[server_round] = {
             "levels": result.levels,
             "error_bound": result.bound,
@@ -313,6 +350,7 @@ class EncryptedFedAvg(FedAvg):
         for r in result.replies:
             try:
                 replies.append(_secure_reply(r))
+                self._learn(replies[-1])
             except InvalidUpdate as exc:
                 round_log.refuse(r.node, f"{exc}; it is in the secure sum", "train")
                 return None, None
@@ -359,11 +397,12 @@ class EncryptedFedAvg(FedAvg):
     ) -> MetricRecord | None:
         """Example-weighted test metrics of the sites that answered under the federation's
         key (metrics computed under another key are meaningless)."""
-        round_log = self.rounds.setdefault(server_round, RoundLog())
+        round_log = self.round_log(server_round)
         results = []
         for node, msg in self._by_node(replies, round_log, "evaluate"):
             try:
                 result = _unpack(msg, node, with_arrays=False)
+                self._learn(result)
                 if self.encrypted and result.fingerprint != self.fingerprint:
                     raise InvalidUpdate(
                         f"key fingerprint {result.fingerprint} differs from the federation's "
@@ -424,23 +463,28 @@ def run_rounds(
             sent = list(strategy.configure_train(server_round, record, ConfigRecord(), grid))
             replies = list(grid.send_and_receive(sent, timeout=round_timeout))
             aggregated, train_metrics = strategy.aggregate_train(server_round, replies)
-        round_log = strategy.rounds[server_round]
+        round_log = strategy.round_log(server_round)
         if aggregated is None:
-            reasons = "; ".join(f"node {r['node']}: {r['reason']}" for r in round_log.refused)
+            strategy.note_missing(server_round)
             raise RoundFailedError(
-                f"{strategy.mode} round {server_round}: {len(round_log.accepted)} valid "
-                f"updates, {strategy.min_sites} needed ({reasons})"
+                f"{len(round_log.accepted)} valid updates, {strategy.min_sites} needed"
+                + (f" ({_reasons(round_log.refused)})" if round_log.refused else ""),
+                mode=strategy.mode,
+                server_round=server_round,
+                refused=round_log.refused,
             )
         arrays = {k: a.numpy() for k, a in aggregated.items()}
         sent = list(strategy.configure_evaluate(server_round, aggregated, ConfigRecord(), grid))
         replies = list(grid.send_and_receive(sent, timeout=round_timeout))
         evaluation = strategy.aggregate_evaluate(server_round, replies)
+        strategy.note_missing(server_round)
         entry = {
             "round": server_round,
             "train": dict(train_metrics or {}),
             "evaluate": dict(evaluation or {}),
             "sites": len(round_log.accepted),
             "refused": round_log.refused,
+            "missing": round_log.missing,
             "seconds": time.perf_counter() - start,
         }
         if server_round in strategy.secure:
@@ -450,6 +494,15 @@ def run_rounds(
         shown = ", ".join(f"{k} {v:.4f}" for k, v in list((evaluation or {}).items())[:4])
         log(INFO, "round %d: %d sites; test %s", server_round, len(round_log.accepted), shown)
     return history
+
+
+def _reasons(refused: list[dict[str, object]]) -> str:
+    """The distinct refusal reasons with the sites (or nodes) that gave each."""
+    by_reason: dict[str, list[str]] = {}
+    for r in refused:
+        who = f"site {r['site']}" if "site" in r else f"node {r['node']}"
+        by_reason.setdefault(str(r["reason"]), []).append(who)
+    return "; ".join(f"{', '.join(who)}: {reason}" for reason, who in by_reason.items())
 
 
 def _train_secure(
@@ -472,5 +525,7 @@ def _train_secure(
         if aggregated is not None or known is not None or strategy.fingerprint is None:
             return aggregated, metrics
         log(INFO, "secure round %d: retrying with the federation's key announced", server_round)
-        strategy.rounds[server_round] = RoundLog(refused=strategy.rounds[server_round].refused)
+        strategy.rounds[server_round] = RoundLog(
+            refused=strategy.rounds[server_round].refused, sites=strategy.sites
+        )
     return aggregated, metrics

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,10 @@ from federation.atomic import atomic_write_bytes
 from federation.config import ExperimentConfig
 from federation.experiment import initial_model, train_centralised
 from federation.nn.convert import encode_state_dict
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be read (truncated, empty, not a checkpoint)."""
 
 
 class InvalidUpdate(ValueError):
@@ -131,13 +136,20 @@ class RunStore:
             with np.load(path, allow_pickle=False) as npz:
                 meta = json.loads(str(npz["__meta__"]))
                 arrays = {k[2:]: npz[k] for k in npz.files if k.startswith("a/")}
-        except (OSError, ValueError, KeyError) as exc:
-            raise ValueError(
-                f"{path}: unreadable checkpoint ({exc}); move it away to restart"
+            return Checkpoint(
+                int(meta["server_round"]), arrays, meta["fingerprint"], list(meta["history"])
+            )
+        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
+            reason = str(exc) or type(exc).__name__
+            raise CheckpointError(
+                f"{path}: unreadable checkpoint ({reason}); move it away, or rerun with "
+                "--run-config 'resume=false', to start this run over"
             ) from None
-        return Checkpoint(
-            int(meta["server_round"]), arrays, meta["fingerprint"], list(meta["history"])
-        )
+
+    def clear(self) -> None:
+        """Forget this run (starting over): its checkpoint and history."""
+        for name in (self.CHECKPOINT, self.HISTORY):
+            (self.directory / name).unlink(missing_ok=True)
 
 
 def centralised_history(config: ExperimentConfig) -> list[dict[str, float]]:

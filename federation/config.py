@@ -8,10 +8,12 @@ silently ignored).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -525,15 +527,83 @@ def load_deployment(path: str | os.PathLike[str]) -> DeploymentConfig:
 
 
 def find_experiment(reference: str, *, project_dir: str, app_dir: Path) -> Path:
-    """The experiment file a Flower run names: an absolute path, else relative to the first
-    of ``project_dir`` (run config; may be empty), the working directory and ``app_dir`` (the
-    copy Flower installed) that holds it, so results and data paths stay in the checkout."""
+    """The experiment file a Flower run names: an absolute path, else relative to
+    ``project_dir`` when the run config names one, else relative to ``app_dir`` (the app that
+    ``flwr run`` submitted, as Flower installed it). Never the working directory: in
+    simulation that is wherever the long-lived local SuperLink was first started, possibly
+    another checkout."""
     p = Path(os.path.expanduser(reference))
-    search = ([Path(project_dir)] if project_dir else []) + [Path.cwd(), app_dir]
-    candidates = [p] if p.is_absolute() else [d / p for d in search]
-    for c in candidates:
-        if c.is_file():
-            return c.resolve()
-    raise ConfigError(
-        f"experiment {reference!r} not found (looked at {', '.join(map(str, candidates))})"
-    )
+    if p.is_absolute():
+        candidate = p
+    else:
+        candidate = (Path(project_dir).expanduser() if project_dir else app_dir) / p
+    if candidate.is_file():
+        return candidate.resolve()
+    where = "the run config's project-dir" if project_dir else "the submitted app"
+    raise ConfigError(f"experiment {reference!r} not found in {where} (looked at {candidate})")
+
+
+def with_site_count(config: ExperimentConfig, count: int) -> ExperimentConfig:
+    """The experiment run by ``count`` sites (a simulation's node count decides it)."""
+    if count == config.sites.count:
+        return config
+    secure = config.federation.secure_aggregation.enabled
+    needed = max(config.federation.min_sites, 2 if secure else 1)
+    if count < needed:
+        raise ConfigError(
+            f"{config.source}: the federation has {count} site(s) but needs at least {needed} "
+            "('federation.min_sites', or 2 for secure aggregation): simulate more SuperNodes "
+            "(--federation-config 'num-supernodes=N') or lower federation.min_sites"
+        )
+    return replace(config, sites=replace(config.sites, count=count))
+
+
+def _field_value(value: Any, base: Path) -> Any:
+    if isinstance(value, Path):
+        return os.path.relpath(value, base) if value.is_absolute() else str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _field_value(v, base) for k, v in sorted(value.items())}
+    if isinstance(value, (list, tuple)):
+        return [_field_value(v, base) for v in value]
+    return value
+
+
+def experiment_fields(config: ExperimentConfig) -> dict[str, Any]:
+    """Every setting that shapes training, as dotted keys (``training.lr``: 0.05).
+
+    Paths are written relative to the experiment file, so two hosts that installed the same
+    app agree; ``output_dir`` (where results go) and ``name`` are left out.
+    """
+    base = Path(config.source).resolve().parent if config.source != "<dict>" else Path.cwd()
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, obj: Any) -> None:
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            key = f"{prefix}{f.name}"
+            if is_dataclass(value):
+                walk(f"{key}.", value)
+            else:
+                out[key] = _field_value(value, base)
+
+    for section in ("task", "model", "sites", "training", "federation", "encryption"):
+        walk(f"{section}.", getattr(config, section))
+    return out
+
+
+def fields_digest(values: Mapping[str, Any]) -> str:
+    """A short SHA-256 of :func:`experiment_fields` (how sites and aggregator agree)."""
+    text = json.dumps(values, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def experiment_digest(config: ExperimentConfig) -> str:
+    return fields_digest(experiment_fields(config))
+
+
+def changed_fields(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """The dotted keys whose values differ (or exist on one side only)."""
+    normalised_old = json.loads(json.dumps(old, sort_keys=True, default=str))
+    normalised_new = json.loads(json.dumps(new, sort_keys=True, default=str))
+    keys = sorted(set(normalised_old) | set(normalised_new))
+    return [k for k in keys if normalised_old.get(k, ...) != normalised_new.get(k, ...)]

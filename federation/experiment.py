@@ -7,6 +7,7 @@ point builds the same seeded model and the same data split.
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -107,11 +108,43 @@ def target_policy(config: ExperimentConfig, data: TaskData) -> ShadowPolicy:
     return RegressionRange(lo, hi)
 
 
-def federation_key(config: ExperimentConfig) -> MoreKey:
-    """The site's key: the configured key file, else (simulation only) one from ``key_seed``."""
+KEY_HOWTO = (
+    "make one with `more-fl keygen --out keys/federation.key`, give the file to every site "
+    "over the hospitals' own secure channel (never through Flower), and name it in "
+    "encryption.key_file (or the SuperNode's --node-config 'key-file=...')"
+)
+
+
+class SimulationKeyError(RuntimeError):
+    """A deployed site was asked to use the public, seeded simulation key."""
+
+
+def federation_key(config: ExperimentConfig, *, deployed: bool = False) -> MoreKey:
+    """The site's key: the configured key file, else the simulation key from ``key_seed``.
+
+    ``key_seed`` is in the experiment file, so everyone who has it has that key: a deployed
+    site refuses it, and a local run on a site's own data folder warns that it uses it.
+    """
     if config.encryption.key_file is not None:
         return load_key(config.encryption.key_file)
+    if deployed:
+        raise SimulationKeyError(f"this site has no key file: {KEY_HOWTO}")
+    private = getattr(get_task(config.task.name), "PRIVATE_DATA_DIR", False)
+    if config.task.data_dir is not None and private:
+        _warn_simulation_key(str(config.task.data_dir))
     return generate_key(config.encryption.key_seed)
+
+
+@functools.cache
+def _warn_simulation_key(data_dir: str) -> None:
+    """Once per data folder and process (lru_cache is the 'once')."""
+    logging.getLogger("more-fl").warning(
+        "warning: encrypting the data in %s with the simulation key from "
+        "encryption.key_seed, which anyone with the experiment file can rebuild; for real "
+        "data %s",
+        data_dir,
+        KEY_HOWTO,
+    )
 
 
 @dataclass
@@ -125,8 +158,9 @@ class EncryptedSplit:
 
 
 def encrypt_data(
-    config: ExperimentConfig, data: TaskData, key: MoreKey, seed: int
+    config: ExperimentConfig, data: TaskData, key: MoreKey, seed: int | None
 ) -> EncryptedSplit:
+    """The site's data under ``key``; ``seed=None`` draws the shadows from OS randomness."""
     dtype = dtype_of(config)
     lo, hi = data.feature_range
     policy = target_policy(config, data)
@@ -136,8 +170,13 @@ def encrypt_data(
         targets = data.y_train.to(dtype)
     return EncryptedSplit(
         x_train=encrypt(data.x_train.to(dtype), key, FeatureRange(lo, hi), seed=seed),
-        y_train=encrypt(targets, key, policy, seed=seed + 1),
-        x_test=encrypt(data.x_test.to(dtype), key, FeatureRange(lo, hi), seed=seed + 2),
+        y_train=encrypt(targets, key, policy, seed=None if seed is None else seed + 1),
+        x_test=encrypt(
+            data.x_test.to(dtype),
+            key,
+            FeatureRange(lo, hi),
+            seed=None if seed is None else seed + 2,
+        ),
         fingerprint=key.fingerprint,
     )
 

@@ -6,6 +6,7 @@ Train message (aggregator -> site), ``RecordDict``::
 
     ARRAYS: ArrayRecord   the global model (ciphertexts [..., 2, 2] or plain weights)
     CONFIG: ConfigRecord  {SERVER_ROUND: int, MODE: MODE_ENCRYPTED | MODE_PLAINTEXT,
+                           EXPERIMENT_DIGEST: str, NUM_SITES: int,
                            FINGERPRINT: str (the federation's key, once it is known)}
 
 Train reply (site -> aggregator)::
@@ -37,6 +38,11 @@ MODE = "mode"
 MODE_ENCRYPTED = "encrypted"
 MODE_PLAINTEXT = "plaintext"
 MODES = (MODE_ENCRYPTED, MODE_PLAINTEXT)
+# The aggregator's experiment (digest of :func:`federation.config.experiment_fields`): a site
+# that loaded other settings refuses. NUM_SITES: the federation's site count (in simulation,
+# Flower's node count).
+EXPERIMENT_DIGEST = "experiment-digest"
+NUM_SITES = "num-sites"
 
 # The site's own Context.state record of the SecAgg+ settings announced at setup (Flower's
 # ``Key.CLIPPING_RANGE``, ``Key.MAX_WEIGHT``, ``Key.TARGET_RANGE``), to check its update.

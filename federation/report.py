@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -27,8 +28,29 @@ REPORT = "report.md"
 METRICS_PNG = "metrics.png"
 ROUNDS_PNG = "rounds.png"
 CENTRALISED = "centralised.json"
+STATUS = "status.json"
+"""``{"status": "completed" | "failed", "cause": ..., "report": ...}`` for tools that wait."""
 HEADLINE = ("accuracy", "r2_mean", "r2_min", "loss")
 LABELS = {MODE_ENCRYPTED: "federated, encrypted", MODE_PLAINTEXT: "federated, plaintext"}
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a run stopped: the cause, and for a failed round its mode, number and refusals."""
+
+    cause: str
+    mode: str | None = None
+    server_round: int | None = None
+    refused: list[dict] = field(default_factory=list)
+
+    def describe(self) -> str:
+        if self.server_round is None:
+            return self.cause
+        return f"{self.mode} round {self.server_round}: {self.cause}"
+
+
+def _who(item: dict) -> str:
+    return f"site {item['site']}" if "site" in item else f"node {item['node']}"
 
 
 def load_histories(output_dir: Path) -> dict[str, list[dict]]:
@@ -143,10 +165,13 @@ def summary_markdown(
     centralised: list[dict],
     *,
     fingerprint: str | None,
-    status: str,
+    failure: Failure | None = None,
 ) -> str:
     enc, plain = histories.get(MODE_ENCRYPTED), histories.get(MODE_PLAINTEXT)
     t = config.training
+    status = "completed" if failure is None else f"failed at {failure.describe()}"
+    if failure is not None and failure.server_round is None:
+        status = f"failed: {failure.cause}"
     lines = [
         f"# {config.name}: federated training on MORE-encrypted data",
         "",
@@ -192,21 +217,36 @@ def summary_markdown(
             f"{_fmt(p.get('evaluate', {}).get(main))} | "
             f"{e.get('seconds', 0):.1f} | {p.get('seconds', 0):.1f} |"
         )
-    refused = [
-        f"- {mode} round {entry['round']}, node {item['node']} ({item.get('stage', 'train')}): "
-        f"{item['reason']}"
+    rounds = [
+        (mode, entry["round"], entry.get("refused", []), entry.get("missing", []))
         for mode, history in histories.items()
         for entry in history
-        for item in entry.get("refused", [])
+    ]
+    if failure is not None and failure.server_round is not None:
+        rounds.append((failure.mode, failure.server_round, failure.refused, []))
+    refused = [
+        f"- {mode} round {r}, {_who(item)} ({item.get('stage', 'train')}): {item['reason']}"
+        for mode, r, items, _ in rounds
+        for item in items
+    ]
+    missing = [
+        f"- {mode} round {r}: site {site} did not reply"
+        for mode, r, _, sites in rounds
+        for site in sites
     ]
     lines += ["", "## Refused replies", "", *(refused or ["none"])]
+    if missing:
+        lines += ["", "## Missing sites", "", *missing]
+    if histories:
+        lines += [
+            "",
+            "## Figures",
+            "",
+            f"![test metrics per round]({METRICS_PNG})",
+            "",
+            f"![time per round and shadow health]({ROUNDS_PNG})",
+        ]
     lines += [
-        "",
-        "## Figures",
-        "",
-        f"![test metrics per round]({METRICS_PNG})",
-        "",
-        f"![time per round and shadow health]({ROUNDS_PNG})",
         "",
         "Encrypted and plaintext federated runs use the same seeds, so their metrics agree to "
         "rounding error (with secure aggregation: to its quantisation error): decrypting the "
@@ -219,14 +259,21 @@ def summary_markdown(
     return "\n".join(lines)
 
 
+def clear_report(output_dir: Path) -> None:
+    """Remove a previous run's report files (a new run must not show the old one's)."""
+    for name in (REPORT, METRICS_PNG, ROUNDS_PNG, CENTRALISED, STATUS):
+        (Path(output_dir) / name).unlink(missing_ok=True)
+
+
 def write_report(
     output_dir: Path,
     config: ExperimentConfig,
     *,
     centralised: list[dict] | None = None,
-    status: str = "completed",
+    failure: Failure | None = None,
 ) -> Path:
-    """Write ``report.md``, ``metrics.png`` and ``rounds.png`` into ``output_dir``.
+    """Write ``report.md`` (and ``metrics.png`` / ``rounds.png`` when there are rounds to
+    plot) and ``status.json`` into ``output_dir``.
 
     ``centralised`` (per-epoch metrics) is saved as ``centralised.json``; when ``None`` a
     previously saved one is used if present.
@@ -239,14 +286,53 @@ def write_report(
         centralised = json.loads(saved.read_text(encoding="utf-8"))
     centralised = centralised or []
     histories = load_histories(output_dir)
-    checkpoint = RunStore(output_dir / MODE_ENCRYPTED).load_latest()
+    try:
+        checkpoint = RunStore(output_dir / MODE_ENCRYPTED).load_latest()
+    except ValueError:  # the failure already names an unreadable checkpoint
+        checkpoint = None
     fingerprint = checkpoint.fingerprint if checkpoint is not None else None
-    atomic_write_bytes(
-        output_dir / METRICS_PNG,
-        plot_metrics(histories, centralised, config.training.local_epochs),
+    if histories:
+        atomic_write_bytes(
+            output_dir / METRICS_PNG,
+            plot_metrics(histories, centralised, config.training.local_epochs),
+        )
+        atomic_write_bytes(output_dir / ROUNDS_PNG, plot_rounds(histories))
+    else:
+        for name in (METRICS_PNG, ROUNDS_PNG):
+            (output_dir / name).unlink(missing_ok=True)
+    text = summary_markdown(
+        config, histories, centralised, fingerprint=fingerprint, failure=failure
     )
-    atomic_write_bytes(output_dir / ROUNDS_PNG, plot_rounds(histories))
-    text = summary_markdown(config, histories, centralised, fingerprint=fingerprint, status=status)
     path = output_dir / REPORT
     atomic_write_bytes(path, text.encode())
+    status = {
+        "status": "completed" if failure is None else "failed",
+        "cause": None if failure is None else failure.describe(),
+        "report": str(path),
+    }
+    atomic_write_bytes(output_dir / STATUS, json.dumps(status, indent=2).encode())
     return path
+
+
+def closing_summary(output_dir: Path, report: Path, failure: Failure | None) -> list[str]:
+    """The lines a run ends with: final metrics per mode, how far the encrypted run is from
+    the plaintext one, and where the report is."""
+    histories = load_histories(Path(output_dir))
+    lines = []
+    names = _metric_names(histories, [])
+    for mode, history in histories.items():
+        final = history[-1].get("evaluate", {}) if history else {}
+        shown = ", ".join(f"{n} {final[n]:.4f}" for n in names if n in final)
+        lines.append(f"{LABELS[mode]}: {len(history)} rounds; {shown or 'no metrics'}")
+    enc, plain = histories.get(MODE_ENCRYPTED), histories.get(MODE_PLAINTEXT)
+    if enc and plain and len(enc) == len(plain):
+        e, p = enc[-1].get("evaluate", {}), plain[-1].get("evaluate", {})
+        common = [n for n in e if n in p]
+        if common:
+            worst = max(abs(e[n] - p[n]) for n in common)
+            lines.append(
+                f"encrypted vs plaintext: largest final metric difference {worst:.1e} "
+                f"over {len(common)} metrics"
+            )
+    lines.append(f"report: {report}")
+    return lines

@@ -17,6 +17,7 @@ from torch import nn
 from federation.config import ExperimentConfig
 from federation.experiment import (
     EncryptedSplit,
+    SimulationKeyError,
     dtype_of,
     encrypt_data,
     federation_key,
@@ -67,17 +68,30 @@ def round_seed(config: ExperimentConfig, site_id: int, server_round: int) -> int
 class Site:
     """A hospital site agent's library side (Flower only unpacks and packs around it)."""
 
-    def __init__(self, config: ExperimentConfig, site_id: int, key: MoreKey | None) -> None:
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        site_id: int,
+        key: MoreKey | None,
+        *,
+        deployed: bool = False,
+    ) -> None:
         if config.federation.encrypted and key is None:
             raise ValueError("an encrypted federation needs the site's key")
         self.config, self.site_id, self._key = config, site_id, key
+        self.deployed = deployed
         self.data: TaskData = site_data(config, site_id)
         self._split: EncryptedSplit | None = None
 
     @classmethod
-    def for_node(cls, config: ExperimentConfig, site_id: int) -> Site:
-        key = federation_key(config) if config.federation.encrypted else None
-        return cls(config, site_id, key)
+    def for_node(cls, config: ExperimentConfig, site_id: int, *, deployed: bool = False) -> Site:
+        """A deployed site refuses the seeded simulation key and draws its shadow values
+        from OS randomness (the training seed is public); a simulated site keeps both."""
+        try:
+            key = federation_key(config, deployed=deployed) if config.federation.encrypted else None
+        except SimulationKeyError as exc:
+            raise SiteError(f"site {site_id}: {exc}") from None
+        return cls(config, site_id, key, deployed=deployed)
 
     @property
     def fingerprint(self) -> str | None:
@@ -86,7 +100,7 @@ class Site:
     def _encrypted(self) -> EncryptedSplit:
         assert self._key is not None
         if self._split is None:
-            seed = self.config.training.seed * 7919 + self.site_id
+            seed = None if self.deployed else self.config.training.seed * 7919 + self.site_id
             self._split = encrypt_data(self.config, self.data, self._key, seed)
         return self._split
 

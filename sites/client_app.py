@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import replace
-from logging import ERROR
+from logging import DEBUG, ERROR
 from pathlib import Path
 
 from flwr.app import (
@@ -41,7 +41,14 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
 from federation import protocol
-from federation.config import ExperimentConfig, find_experiment, load_experiment
+from federation.config import (
+    ConfigError,
+    ExperimentConfig,
+    experiment_digest,
+    find_experiment,
+    load_experiment,
+    with_site_count,
+)
 from federation.secagg import check_quantisable
 from federation.site import Site, SiteError
 
@@ -59,8 +66,8 @@ def _experiment(path: Path) -> ExperimentConfig:
 
 
 def _experiment_path(run_config: dict) -> Path:
-    """The run's experiment file: in this host's project checkout if it has one (run config
-    ``project-dir``, else the working directory), else in the installed app."""
+    """The run's experiment file: absolute, or in the run config's ``project-dir``, or in
+    the app as Flower installed it (never the process's working directory)."""
     return find_experiment(
         str(run_config[protocol.RUN_EXPERIMENT]),
         project_dir=str(run_config.get(protocol.RUN_PROJECT_DIR, "")),
@@ -68,24 +75,27 @@ def _experiment_path(run_config: dict) -> Path:
     )
 
 
-def site_identity(node_config: dict, config: ExperimentConfig) -> tuple[int, bool]:
+def site_identity(node_config: dict, num_sites: int) -> tuple[int, bool]:
     """``(site id, simulated)`` from the node config: ``site-id`` on a deployed SuperNode,
-    ``partition-id`` in simulation (where the node count must equal ``sites.count``)."""
+    ``partition-id`` in simulation (where the site count is the node count)."""
     if protocol.NODE_SITE_ID in node_config:
-        return int(node_config[protocol.NODE_SITE_ID]), False
-    if protocol.NODE_PARTITION_ID in node_config:
-        partitions = int(node_config.get(protocol.NODE_NUM_PARTITIONS, config.sites.count))
-        if partitions != config.sites.count:
+        site_id, simulated = int(node_config[protocol.NODE_SITE_ID]), False
+    elif protocol.NODE_PARTITION_ID in node_config:
+        partitions = int(node_config.get(protocol.NODE_NUM_PARTITIONS, num_sites))
+        if partitions != num_sites:
             raise SiteError(
-                f"the simulation has {partitions} nodes but experiment {config.name!r} has "
-                f"{config.sites.count} sites: run with --federation-config "
-                f"'num-supernodes={config.sites.count}'"
+                f"the simulation has {partitions} nodes but the aggregator runs {num_sites} "
+                "sites"
             )
-        return int(node_config[protocol.NODE_PARTITION_ID]), True
-    raise SiteError(
-        f"the node config names no site: start the SuperNode with "
-        f"--node-config '{protocol.NODE_SITE_ID}=<0..{config.sites.count - 1}>'"
-    )
+        site_id, simulated = int(node_config[protocol.NODE_PARTITION_ID]), True
+    else:
+        raise SiteError(
+            f"the node config names no site: start the SuperNode with "
+            f"--node-config '{protocol.NODE_SITE_ID}=<0..{num_sites - 1}>'"
+        )
+    if not 0 <= site_id < num_sites:
+        raise SiteError(f"site id {site_id} is outside 0..{num_sites - 1} of this federation")
+    return site_id, simulated
 
 
 def site_config(config: ExperimentConfig, node_config: dict, mode: str) -> ExperimentConfig:
@@ -106,8 +116,17 @@ def _site(msg: Message, context: Context) -> tuple[Site, int]:
     """The cached Site this message is for, and the server round."""
     path = _experiment_path(context.run_config)
     config = _experiment(path)
-    site_id, simulated = site_identity(context.node_config, config)
     settings = msg.content[protocol.CONFIG]
+    expected = settings.get(protocol.EXPERIMENT_DIGEST)
+    digest = experiment_digest(config)
+    if expected is not None and digest != expected:
+        raise SiteError(
+            f"this site loaded {path} (settings digest {digest}) but the aggregator runs "
+            f"settings {expected}: the SuperNode holds another copy of the app or experiment"
+        )
+    num_sites = int(settings.get(protocol.NUM_SITES, config.sites.count))
+    site_id, simulated = site_identity(context.node_config, num_sites)
+    config = with_site_count(config, num_sites)
     mode = str(settings[protocol.MODE])
     if mode not in protocol.MODES:
         raise SiteError(f"unknown mode {mode!r}; expected one of {', '.join(protocol.MODES)}")
@@ -118,20 +137,22 @@ def _site(msg: Message, context: Context) -> tuple[Site, int]:
         )
     node = context.node_config
     cache_key = (
-        str(path),
+        f"{path}#{digest}",
         site_id,
         mode,
         str(node.get(protocol.NODE_DATA_DIR, "")),
         str(node.get(protocol.NODE_KEY_FILE, "")),
     )
     if cache_key not in _SITES:
-        _SITES[cache_key] = Site.for_node(site_config(config, node, mode), site_id)
+        _SITES[cache_key] = Site.for_node(
+            site_config(config, node, mode), site_id, deployed=not simulated
+        )
     site = _SITES[cache_key]
-    expected = settings.get(protocol.FINGERPRINT)
-    if expected is not None and site.fingerprint != expected:
+    federation_fingerprint = settings.get(protocol.FINGERPRINT)
+    if federation_fingerprint is not None and site.fingerprint != federation_fingerprint:
         raise SiteError(
-            f"site {site_id} holds key {site.fingerprint}, the federation uses {expected}: "
-            "check this site's key file"
+            f"site {site_id} holds key {site.fingerprint}, the federation uses "
+            f"{federation_fingerprint}: check this site's key file"
         )
     return site, int(settings[protocol.SERVER_ROUND])
 
@@ -152,10 +173,16 @@ def _arrays(msg: Message) -> dict:
 
 
 def _error_reply(msg: Message, context: Context, exc: Exception) -> Message:
+    """One line in the site's log (the traceback at DEBUG) and an ``Error`` reply with it.
+
+    A refusal the site explains itself (:class:`SiteError`, a config or data error) needs
+    no exception type; anything else is a bug and keeps its type in the reason."""
     node = context.node_config
     where = node.get(protocol.NODE_SITE_ID, node.get(protocol.NODE_PARTITION_ID))
-    log(ERROR, "site %s: %s failed", where, msg.metadata.message_type, exc_info=exc)
-    reason = f"{type(exc).__name__}: {exc}"
+    explained = isinstance(exc, (SiteError, ConfigError, FileNotFoundError))
+    reason = str(exc) if explained else f"{type(exc).__name__}: {exc}"
+    log(ERROR, "site %s: %s refused: %s", where, msg.metadata.message_type, reason)
+    log(DEBUG, "site %s: %s failed", where, msg.metadata.message_type, exc_info=exc)
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
 
 

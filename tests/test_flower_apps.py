@@ -14,7 +14,7 @@ from uuid import uuid4
 import numpy as np
 import pytest
 import yaml
-from flower_grid import AggregatorCrash, LocalGrid, over_the_wire
+from flower_grid import LocalGrid, over_the_wire
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -27,8 +27,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
 
-from aggregator.server_app import main
-from aggregator.strategy import RoundFailedError
+from aggregator.server_app import RunFailed, main
 from federation import protocol
 from federation.aggregation import RunStore, expected_shapes, initial_arrays
 from federation.config import load_experiment
@@ -138,8 +137,8 @@ def test_evaluate_reply_carries_metrics_only(experiment: Path) -> None:
     ("node_config", "config", "reason"),
     [
         ({}, {}, "--node-config 'site-id="),
-        ({"partition-id": 0, "num-partitions": 2}, {}, "num-supernodes=3"),
-        ({"site-id": 5}, {}, "site id 5 outside 0..2"),
+        ({"partition-id": 0, "num-partitions": 2}, {}, "has 2 nodes but the aggregator runs 3"),
+        ({"site-id": 5}, {}, "site id 5 is outside 0..2"),
         ({"site-id": 0}, {protocol.MODE: protocol.MODE_PLAINTEXT}, "refuses to send plaintext"),
         ({"site-id": 0}, {protocol.FINGERPRINT: "0000-0000-0000-0000"}, "check this site's key"),
         ({"site-id": 0, "key-file": "/nonexistent/federation.key"}, {}, "federation.key"),
@@ -164,7 +163,7 @@ def test_a_site_error_in_training_is_an_error_reply_never_an_update(
     path.write_text(yaml.safe_dump(strict), encoding="utf-8")
     reply = client_app.app(_message(path), _context(path, SIMULATED[2]))
     assert reply.has_error()
-    assert reply.error.reason.startswith("SiteError: site 2")
+    assert reply.error.reason.startswith("site 2: ")
 
 
 def test_a_deployed_site_uses_its_own_key_file(experiment: Path, tmp_path: Path) -> None:
@@ -282,9 +281,14 @@ def test_too_few_sites_fail_the_run_and_the_report_says_so(
 ) -> None:
     nodes = [SIMULATED[0], {}, {}]  # two SuperNodes that name no site
     run_config = _run_config(experiment, tmp_path)
-    with pytest.raises(RoundFailedError, match="1 valid updates, 2 needed"):
+    with pytest.raises(RunFailed, match="encrypted round 1: 1 valid updates, 2 needed"):
         _serve(LocalGrid(client_app.app, nodes, run_config), run_config)
-    assert "status: **failed: encrypted round 1" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "status: **failed at encrypted round 1: 1 valid updates" in report
+    # Every refused reply is listed, by node (these never named a site), with its reason.
+    refused = report.split("## Refused replies")[1]
+    assert refused.count("names no site") == 2 and "\nnone" not in refused
+    assert not (tmp_path / "metrics.png").exists()  # nothing to plot: no empty figure
     assert RunStore(tmp_path / "encrypted").load_latest() is None
 
 
@@ -294,7 +298,7 @@ def test_a_restarted_aggregator_resumes_after_its_last_checkpoint(
     run_config = _run_config(experiment, tmp_path)
     # Dies while sending round 2's training messages (3 train + 3 evaluate sent in round 1).
     crashing = LocalGrid(client_app.app, SIMULATED, run_config, crash_after=7)
-    with pytest.raises(AggregatorCrash):
+    with pytest.raises(RunFailed, match="aggregator killed"):
         _serve(crashing, run_config)
     store = RunStore(tmp_path / "encrypted")
     assert store.load_latest().server_round == 1

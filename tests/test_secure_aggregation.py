@@ -18,8 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator.secure import SecureReply, SecureResult, secure_round
-from aggregator.server_app import main
-from aggregator.strategy import EncryptedFedAvg, RoundFailedError
+from aggregator.server_app import RunFailed, main
+from aggregator.strategy import EncryptedFedAvg
 from federation import protocol
 from federation.aggregation import RunStore, expected_shapes, fedavg, initial_arrays
 from federation.config import ConfigError, experiment_from_dict, load_experiment
@@ -293,9 +293,7 @@ def test_an_update_outside_the_clipping_range_fails_the_round_loudly(tmp_path: P
         ),
     )
     run_config = _run_config(tight, tmp_path / "out")
-    with pytest.raises(
-        RoundFailedError, match="raise federation.secure_aggregation.clipping_range"
-    ):
+    with pytest.raises(RunFailed, match="raise federation.secure_aggregation.clipping_range"):
         main(
             LocalGrid(client_app.app, SIMULATED, run_config),
             Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=run_config),

@@ -86,6 +86,9 @@ DEFAULTS: dict[str, object] = {
 """Documented defaults of every option this task reads, plus its measured training recipe."""
 
 FEATURE_RANGE = (0.0, 1.0)
+PRIVATE_DATA_DIR = True
+"""``task.data_dir`` is a hospital's own DICOM export (so never encrypt it under the public
+simulation key without a warning)."""
 
 
 def view_class(artery: str | int, primary: float, secondary: float) -> int | None:
