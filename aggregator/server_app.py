@@ -44,7 +44,7 @@ from federation.config import (
     with_site_count,
 )
 from federation.report import Failure, clear_report, closing_summary, write_report
-from federation.rundir import RunLock, check_resume
+from federation.rundir import RunDirError, RunLock, check_resume
 from federation.runtime import check_app_environment
 
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -181,8 +181,12 @@ def main(grid: Grid, context: Context) -> None:
     try:
         try:
             resume = check_resume(output_dir, experiment_fields(config), resume=settings.resume)
-            if not resume:
-                clear_report(output_dir)
+        except RunDirError as exc:  # the directory holds another run: leave it untouched
+            log(ERROR, "run failed before round 1: %s", exc)
+            raise RunFailed(str(exc)) from None
+        if not resume:
+            clear_report(output_dir)
+        try:
             for mode in modes(config, settings.baseline):
                 run_mode(grid, config, mode, output_dir, settings, digest, resume=resume)
         except Exception as exc:  # reported below as one line; the traceback at DEBUG only

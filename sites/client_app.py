@@ -49,6 +49,7 @@ from federation.config import (
     load_experiment,
     with_site_count,
 )
+from federation.more.keys import KeyFileError
 from federation.secagg import check_quantisable
 from federation.site import Site, SiteError
 
@@ -179,8 +180,10 @@ def _error_reply(msg: Message, context: Context, exc: Exception) -> Message:
     no exception type; anything else is a bug and keeps its type in the reason."""
     node = context.node_config
     where = node.get(protocol.NODE_SITE_ID, node.get(protocol.NODE_PARTITION_ID))
-    explained = isinstance(exc, (SiteError, ConfigError, FileNotFoundError))
+    explained = isinstance(exc, (SiteError, ConfigError, KeyFileError, FileNotFoundError))
     reason = str(exc) if explained else f"{type(exc).__name__}: {exc}"
+    if where is not None and not reason.startswith(f"site {where}"):
+        reason = f"site {where}: {reason}"
     log(ERROR, "site %s: %s refused: %s", where, msg.metadata.message_type, reason)
     log(DEBUG, "site %s: %s failed", where, msg.metadata.message_type, exc_info=exc)
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
