@@ -439,6 +439,21 @@ def _sigterm_as_exit() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def _uninterrupted() -> Iterator[None]:
+    """Ignore Ctrl-C and SIGTERM while stopping: the stop they ask for is under way, and a
+    second Ctrl-C (people press it twice) must not leave the processes half-stopped."""
+    if sys.platform == "win32" or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 # --- the deployment ---------------------------------------------------------------------
 
 
@@ -530,9 +545,15 @@ def _progress(fed: Federation, shown: dict[str, int], echo: Callable[[str], None
 
 
 def _ensure_free(host: str, ports: list[int]) -> None:
-    """Refuse to start when a port is taken (another federation might answer instead)."""
+    """Refuse to start when a port is taken (another federation might answer instead).
+
+    The probe binds as a server does, with ``SO_REUSEADDR``: a port whose last connection
+    lingers in TIME_WAIT (a federation that just ended) is free to serve again, while one a
+    process listens on is still refused.
+    """
     for port in ports:
         with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((host, port))
             except OSError as exc:
@@ -638,8 +659,9 @@ def deploy(
                 fed, runner, deadline=start + dep.timeout, poll=poll, echo=echo, watch=watch
             )
         finally:
-            echo("stopping the SuperLink and SuperNodes")
-            fed.processes.stop()
+            with _uninterrupted():
+                echo("stopping the SuperLink and SuperNodes")
+                fed.processes.stop()
     assert fed.run_id is not None
     return DeploymentResult(
         run_id=fed.run_id,
@@ -655,7 +677,7 @@ def deploy(
 
 
 def cli_deploy(config_path: Path) -> int:
-    """``more-fl deploy CONFIG``: run the federation; 0 when the run completed."""
+    """``more-fl deploy --config CONFIG``: run the federation; 0 when the run completed."""
     try:
         result = deploy(load_deployment(config_path))
     except DeployError as exc:
@@ -672,7 +694,11 @@ def cli_deploy(config_path: Path) -> int:
 def cli_site(config_path: Path, site: str, *, print_only: bool) -> int:
     """``more-fl site --config CONFIG --site NAME [--print]``: print, or become, the
     SuperNode command of one site (Ctrl-C stops it)."""
-    argv = site_command(load_deployment(config_path), site)
+    try:
+        argv = site_command(load_deployment(config_path), site)
+    except DeployError as exc:
+        print(f"more-fl site: error: {exc}", file=sys.stderr)
+        return 2
     env_prefix = " ".join(f"{k}={v}" for k, v in FLOWER_ENV.items())
     if print_only:
         print(f"{env_prefix} {shlex.join(argv)}")

@@ -109,8 +109,8 @@ def target_policy(config: ExperimentConfig, data: TaskData) -> ShadowPolicy:
 
 
 KEY_HOWTO = (
-    "make one with `more-fl keygen --out keys/federation.key`, give the file to every site "
-    "over the hospitals' own secure channel (never through Flower), and name it in "
+    "make one with `more-fl keygen --out keys/federation.key --parents`, give the file to "
+    "every site over the hospitals' own secure channel (never through Flower), and name it in "
     "encryption.key_file (or the SuperNode's --node-config 'key-file=...')"
 )
 
@@ -270,7 +270,9 @@ def train_centralised(
     data = load_data(config)
     dtype, loss = dtype_of(config), loss_of(data)
     t = config.training
-    epochs = epochs or t.rounds * t.local_epochs
+    epochs = t.rounds * t.local_epochs if epochs is None else epochs
+    if epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs}")
     plain = initial_model(config)
     if perturb:
         with torch.no_grad():

@@ -227,3 +227,47 @@ def test_sigterm_stops_the_superlink_and_supernodes_it_started(tmp_path: Path) -
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     assert "stopping the SuperLink and SuperNodes" in proc.stdout.read()
     assert not [p for p in started if deploy.alive(p)]
+
+
+def _time_wait_port() -> int:
+    """A 127.0.0.1 port whose only socket lingers in TIME_WAIT: the server side closed first,
+    as a SuperLink does when a finished federation is stopped. The server binds with
+    SO_REUSEADDR, as servers (gRPC's among them) do: Linux lets a port be bound again while
+    its connections linger only when both binds ask for it."""
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = int(server.getsockname()[1])
+        client = socket.create_connection(("127.0.0.1", port), timeout=2)
+        conn, _ = server.accept()
+        conn.close()  # the active close: this end enters TIME_WAIT after the client's FIN
+        client.settimeout(2)
+        assert client.recv(1) == b""
+        client.close()
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        with socket.socket() as plain:  # no SO_REUSEADDR: refused while TIME_WAIT lasts
+            try:
+                plain.bind(("127.0.0.1", port))
+            except OSError:
+                return port
+        time.sleep(0.05)
+    pytest.skip("this system let a TIME_WAIT port be bound without SO_REUSEADDR")
+
+
+def test_a_port_in_time_wait_counts_as_free() -> None:
+    port = _time_wait_port()
+    deploy._ensure_free("127.0.0.1", [port])
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_a_listening_port_counts_as_taken(reuse: bool) -> None:
+    with socket.socket() as taken:
+        if reuse:  # as servers (gRPC among them) bind
+            taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = int(taken.getsockname()[1])
+        with pytest.raises(deploy.DeployError, match=f"port {port} on 127.0.0.1 is not free"):
+            deploy._ensure_free("127.0.0.1", [port])

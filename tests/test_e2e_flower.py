@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -264,3 +266,68 @@ def test_flwr_run_with_secure_aggregation_sums_masked_updates(
     assert [h["sites"] for h in history] == [3, 3]
     assert all(h["secure"]["levels"] == 2**30 and not h["refused"] for h in history)
     assert history[1]["evaluate"]["loss"] < history[0]["evaluate"]["loss"]
+
+
+def _readme_block(heading: str) -> list[str]:
+    """The command lines of the first bash block under ``heading`` in the README."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = text.split(heading, 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line.split("#")[0].strip() for line in block.splitlines() if line.strip()]
+
+
+def test_the_readmes_first_main_command_works_as_pasted(tmp_path: Path) -> None:
+    """A fresh clone with ../shared beside it, a fresh FLWR_HOME and no Flower variables:
+    the README's first main command completes the default federation and exits 0, ending
+    with the summary and the report's path, and leaves no process behind."""
+    command = _readme_block("## Main commands")[0]
+    assert command.startswith("more-fl run")
+    clone = tmp_path / "clone" / "more-fl"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True, timeout=120)
+    shutil.copytree(ROOT.parent / "shared", clone.parent / "shared", symlinks=True)
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("FLWR_", "MORE_FL_"))
+    }
+    env["FLWR_HOME"] = str(tmp_path / "flwr-home")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    done = subprocess.run(
+        ["bash", "-c", command],
+        cwd=clone,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    report = clone / "runs" / "wbc" / "report.md"
+    assert f"completed; report: {report}" in done.stdout.strip().splitlines()[-1]
+    assert "encrypted vs plaintext: largest final metric difference" in out
+    assert "status: **completed**" in report.read_text()
+    assert "runtime-envs" not in out  # Flower installed nothing
+    assert not _pids_wait_gone(str(clone))
+
+
+def test_a_failed_run_exits_non_zero_with_its_cause_last(tmp_path: Path) -> None:
+    """MNIST with no data: `more-fl run` ends with one line naming the cause, exit 1."""
+    experiment = _experiment(
+        tmp_path,
+        "mnist-missing",
+        {"name": "mnist", "data_dir": str(tmp_path / "no-mnist-here")},
+        2,
+        1,
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "federation.cli", "run", "--config", str(experiment)],
+        cwd=ROOT,
+        env={**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home")},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("more-fl run: run ") and " failed: " in last and "mnist" in last.lower()
+    report = (tmp_path / "runs" / "mnist-missing" / "report.md").read_text()
+    assert "status: **failed at encrypted round 1" in report

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import stat
+import warnings
 
 import numpy as np
 import pytest
@@ -113,3 +114,105 @@ def test_keys_refuse_pickling(key: MoreKey) -> None:
 
     with pytest.raises(TypeError, match="never leaves"):
         pickle.dumps(key)
+
+
+def _hex_digit_edits(entry: str) -> list[str]:
+    """``entry`` with each of its hex digits (mantissa and exponent) changed, and its sign."""
+    edits = []
+    start = entry.index("x") + 1
+    for i in range(start, len(entry)):
+        if entry[i] in "0123456789abcdef":
+            alphabet = "0123456789" if i > entry.index("p") else "0123456789abcdef"
+            new = alphabet[(alphabet.index(entry[i]) + 1) % len(alphabet)]
+            edits.append(entry[:i] + new + entry[i + 1 :])
+    edits.append(entry[1:] if entry.startswith("-") else "-" + entry)
+    return edits
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2024])
+def test_every_edited_digit_of_every_entry_is_refused(tmp_path, seed: int) -> None:
+    """The fingerprint rounds (equivalent keys share it); the checksum covers every bit."""
+    path = save_key(generate_key(seed), tmp_path / "k.key")
+    original = json.loads(path.read_text())
+    tried = 0
+    for i in range(2):
+        for j in range(2):
+            for edited in _hex_digit_edits(original["matrix"][i][j]):
+                payload = json.loads(json.dumps(original))
+                payload["matrix"][i][j] = edited
+                _write(path, payload)
+                with pytest.raises(KeyFileError, match="corrupt or was edited") as info:
+                    load_key(path)
+                assert str(path) in str(info.value)
+                tried += 1
+    assert tried >= 4 * 15  # 13 mantissa digits, the leading digit, an exponent digit, sign
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), entry=st.integers(0, 3), bit=st.integers(0, 63))
+def test_any_flipped_bit_of_an_entry_is_refused(
+    tmp_path_factory: pytest.TempPathFactory, seed: int, entry: int, bit: int
+) -> None:
+    path = save_key(generate_key(seed), tmp_path_factory.mktemp("keys") / "k.key")
+    payload = json.loads(path.read_text())
+    bits = np.array([float.fromhex(v) for row in payload["matrix"] for v in row]).view(np.uint64)
+    bits[entry] ^= np.uint64(1) << np.uint64(bit)
+    payload["matrix"] = [
+        [float(v).hex() for v in row] for row in bits.view(np.float64).reshape(2, 2)
+    ]
+    _write(path, payload)
+    with pytest.raises(KeyFileError):
+        load_key(path)
+
+
+def test_version_1_files_without_a_checksum_still_load(tmp_path, key: MoreKey) -> None:
+    path = tmp_path / "old.key"
+    _write(path, _payload(key.matrix, key.fingerprint, salt=key.salt.hex()))
+    assert load_key(path).fingerprint == key.fingerprint
+    saved = json.loads(save_key(key, tmp_path / "new.key").read_text())
+    assert saved["version"] == 2 and len(saved["checksum"]) == 64
+    del saved["checksum"]
+    _write(path, saved)
+    with pytest.raises(KeyFileError, match="'checksum' does not match"):
+        load_key(path)
+
+
+def test_a_corrupt_world_readable_key_file_raises_its_error_and_no_warning(tmp_path) -> None:
+    path = tmp_path / "bad.key"
+    path.write_text("garbage")
+    path.chmod(0o644)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(KeyFileError, match="not valid JSON"):
+            load_key(path)
+
+
+def test_a_good_world_readable_key_file_loads_with_a_warning(tmp_path, key: MoreKey) -> None:
+    path = save_key(key, tmp_path / "k.key")
+    path.chmod(0o644)
+    with pytest.warns(UserWarning, match="chmod 600"):
+        assert load_key(path).fingerprint == key.fingerprint
+
+
+def test_save_creates_missing_directories_only_when_asked(tmp_path, key: MoreKey) -> None:
+    path = tmp_path / "keys" / "site.key"
+    with pytest.raises(FileNotFoundError) as info:
+        save_key(key, path)
+    assert info.value.filename == str(path) and not path.parent.exists()
+    assert load_key(save_key(key, path, parents=True)).fingerprint == key.fingerprint
+    with pytest.raises(FileExistsError) as exists:
+        save_key(key, path)
+    assert exists.value.filename == str(path) and "overwrite=True" not in str(exists.value)
+
+
+def test_a_failed_write_names_the_key_file_not_its_temporary(tmp_path, monkeypatch, key) -> None:
+    import tempfile
+
+    def refuse(*_: object, dir: str, **__: object) -> None:
+        raise PermissionError(13, "Permission denied", f"{dir}/.site.key.x1y2.tmp")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    path = tmp_path / "site.key"
+    with pytest.raises(PermissionError) as info:
+        save_key(key, path)
+    assert info.value.filename == str(path) and ".tmp" not in str(info.value)

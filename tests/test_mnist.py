@@ -152,7 +152,7 @@ def test_missing_files_name_the_files_and_directory(tmp_path: Path) -> None:
     message = str(caught.value)
     assert str(tmp_path) in message
     assert TEST_IMAGES.gz_name in message and TEST_LABELS.gz_name in message
-    assert ENV_DIR in message and "download=True" in message
+    assert ENV_DIR in message and "task.options.download" in message
     assert isinstance(caught.value, FileNotFoundError)
 
 

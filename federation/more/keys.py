@@ -9,20 +9,26 @@ Key file format (JSON, UTF-8, written atomically with mode 0600)::
 
     {
       "format": "more-fl-key",
-      "version": 1,
+      "version": 2,
       "matrix": [["<float.hex>", "<float.hex>"], ["<float.hex>", "<float.hex>"]],
       "salt": "<64 hex digits>",
-      "fingerprint": "<fingerprint of the key, checked on load>"
+      "fingerprint": "<fingerprint of the key, checked on load>",
+      "checksum": "<64 hex digits: SHA-256 of the exact bits of the entries and the salt>"
     }
 
 Entries are stored with ``float.hex`` so a key round-trips bit for bit. The fingerprint is
 ``SHA-256(domain, salt, canonical S)``: the secret salt makes it useless for confirming a
 guessed key (without it, an attacker who recovers an equivalent key from one ciphertext,
 see SECURITY.md, could use the public fingerprint to learn which channel holds the data).
+The canonical form is rounded so that equivalent keys ``S D`` share the fingerprint, which
+therefore cannot notice an edit of the last digits of an entry: the checksum covers the
+exact IEEE bits, so any edited digit is refused. Version 1 files (no checksum) still load,
+checked by their fingerprint only; rewriting them with :func:`save_key` adds the checksum.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -35,9 +41,11 @@ import numpy as np
 from federation.atomic import atomic_write_bytes
 
 KEY_FORMAT = "more-fl-key"
-KEY_VERSION = 1
+KEY_VERSION = 2
+_READABLE_VERSIONS = (1, KEY_VERSION)  # version 1: the same file without "checksum"
 DEFAULT_MAX_COND = 10.0
 _FINGERPRINT_DOMAIN = b"more-fl/key-fingerprint/v1\x00"
+_CHECKSUM_DOMAIN = b"more-fl/key-file-checksum/v2\x00"
 _MIN_SCALE, _MAX_SCALE = 1e-100, 1e100  # keeps products of entries far from over/underflow
 
 
@@ -127,6 +135,12 @@ def _fingerprint(matrix: np.ndarray, salt: bytes) -> str:
     return "-".join(digest[i : i + 4] for i in range(0, 16, 4))
 
 
+def _checksum(matrix: np.ndarray, salt: bytes) -> str:
+    """SHA-256 over the exact (big-endian IEEE) bits of the four entries and the salt."""
+    bits = np.ascontiguousarray(matrix, dtype=">f8").tobytes()
+    return hashlib.sha256(_CHECKSUM_DOMAIN + salt + bits).hexdigest()
+
+
 def generate_key(seed: int | None = None, *, max_cond: float = DEFAULT_MAX_COND) -> MoreKey:
     """Draw a key ``S = R(a) diag(1, 1/c) R(b)`` with condition number ``c`` in [1.5, max_cond/2].
 
@@ -148,20 +162,37 @@ def generate_key(seed: int | None = None, *, max_cond: float = DEFAULT_MAX_COND)
     return MoreKey(matrix, salt, max_cond=max_cond)
 
 
-def save_key(key: MoreKey, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-    """Write the key file atomically with mode 0600; refuses to overwrite unless asked."""
+def save_key(
+    key: MoreKey,
+    path: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    parents: bool = False,
+) -> Path:
+    """Write the key file atomically with mode 0600.
+
+    Refuses to replace an existing file (a lost key loses its ciphertexts) unless
+    ``overwrite``, and to create missing directories (a mistyped path would scatter secret
+    keys) unless ``parents``. Every failure is an :class:`OSError` naming ``path``.
+    """
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; refusing to overwrite a key (pass overwrite=True)")
+        raise FileExistsError(errno.EEXIST, "refusing to overwrite an existing key", str(path))
+    if not parents and not path.parent.is_dir():
+        raise FileNotFoundError(errno.ENOENT, f"directory {path.parent} does not exist", str(path))
     payload = {
         "format": KEY_FORMAT,
         "version": KEY_VERSION,
         "matrix": [[float(v).hex() for v in row] for row in key.matrix],
         "salt": key.salt.hex(),
         "fingerprint": key.fingerprint,
+        "checksum": _checksum(key.matrix, key.salt),
     }
     text = json.dumps(payload, indent=2) + "\n"
-    atomic_write_bytes(path, text.encode("utf-8"), mode=0o600)
+    try:
+        atomic_write_bytes(path, text.encode("utf-8"), mode=0o600)
+    except OSError as exc:  # it would name its temporary file, not the key file
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
     return path
 
 
@@ -172,11 +203,6 @@ def load_key(path: str | os.PathLike[str], *, max_cond: float = DEFAULT_MAX_COND
         raise KeyFileError(
             f"key file {path} not found; create one with `more-fl keygen --out {path}`"
         )
-    if os.name == "posix" and path.stat().st_mode & 0o077:
-        warnings.warn(
-            f"key file {path} is readable by other users; run `chmod 600 {path}`",
-            stacklevel=2,
-        )
     try:
         payload = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -185,10 +211,11 @@ def load_key(path: str | os.PathLike[str], *, max_cond: float = DEFAULT_MAX_COND
         raise KeyFileError(f"key file {path} is not a key: JSON nested too deeply") from None
     if not isinstance(payload, dict) or payload.get("format") != KEY_FORMAT:
         raise KeyFileError(f"key file {path}: 'format' must be {KEY_FORMAT!r}")
-    if payload.get("version") != KEY_VERSION:
+    version = payload.get("version")
+    if type(version) is not int or version not in _READABLE_VERSIONS:
         raise KeyFileError(
-            f"key file {path}: unsupported version {payload.get('version')!r} "
-            f"(this more-fl reads version {KEY_VERSION})"
+            f"key file {path}: unsupported version {version!r} "
+            f"(this more-fl reads versions {' and '.join(map(str, _READABLE_VERSIONS))})"
         )
     rows = payload.get("matrix")
     try:
@@ -207,6 +234,11 @@ def load_key(path: str | os.PathLike[str], *, max_cond: float = DEFAULT_MAX_COND
         salt = b""
     if len(salt) != 32:
         raise KeyFileError(f"key file {path}: 'salt' must be 64 hex digits")
+    if version != 1 and payload.get("checksum") != _checksum(matrix, salt):
+        raise KeyFileError(
+            f"key file {path}: 'checksum' does not match the matrix and salt; the file is "
+            "corrupt or was edited (restore it from a copy, or generate a new key)"
+        )
     try:
         key = MoreKey(matrix, salt, max_cond=max_cond)
     except ValueError as exc:
@@ -215,6 +247,12 @@ def load_key(path: str | os.PathLike[str], *, max_cond: float = DEFAULT_MAX_COND
         raise KeyFileError(
             f"key file {path}: stored fingerprint {payload.get('fingerprint')!r} does not match "
             f"the matrix ({key.fingerprint}); the file is corrupt or was edited"
+        )
+    # Only now: a corrupt file gets its one error, not a warning first.
+    if os.name == "posix" and path.stat().st_mode & 0o077:
+        warnings.warn(
+            f"key file {path} is readable by other users; run `chmod 600 {path}`",
+            stacklevel=2,
         )
     return key
 

@@ -295,8 +295,9 @@ def _missing_error(directory: Path, missing: list[_Spec], why: str) -> MnistFile
     names = ", ".join(spec.gz_name for spec in missing)
     return MnistFilesMissingError(
         f"MNIST files missing from {directory} ({why}): {names}. Put them there (gzip as "
-        f"published, or uncompressed without the .gz suffix), point data_dir or ${ENV_DIR} at "
-        "the directory that holds them, or pass download=True where a network is available."
+        "published, or uncompressed without the .gz suffix), point the experiment's "
+        f"task.data_dir (`more-fl data mnist --data-dir`) or ${ENV_DIR} at the directory that "
+        "holds them, or set task.options.download: true where a network is available."
     )
 
 
@@ -320,7 +321,8 @@ def carve_indices(
     """Disjoint sorted train/evaluation rows of a ``total``-row split, fixed by ``seed``."""
     if n_train < 1 or n_test < 1 or n_train + n_test > total:
         raise ValueError(
-            f"cannot carve n_train={n_train} and n_test={n_test} disjoint digits out of {total}"
+            f"cannot carve n_train={n_train} and n_test={n_test} (task.options) disjoint "
+            f"digits out of {total}: each must be at least 1 and together at most {total}"
         )
     perm = np.random.default_rng(seed).permutation(total)
     return np.sort(perm[:n_train]), np.sort(perm[n_train : n_train + n_test])
@@ -343,7 +345,7 @@ def load_task_data(
     present and carve otherwise. ``download=True`` first fetches the files the mode needs.
     """
     if split not in ("auto", "standard", "carve"):
-        raise ValueError(f"split must be 'auto', 'standard' or 'carve', got {split!r}")
+        raise ValueError(f"task.options.split must be 'auto', 'standard' or 'carve', got {split!r}")
     directory = resolve_data_dir(data_dir)
     if download:
         download_mnist(
@@ -403,14 +405,20 @@ def build_model(arch: str = "mlp", **options: int | str) -> nn.Sequential:
     """
     allowed = {"mlp": {"hidden", "activation"}, "cnn": {"channels", "activation"}}
     if arch not in allowed:
-        raise ValueError(f"unknown MNIST arch {arch!r}; choose 'mlp' or 'cnn'")
+        raise ValueError(f"unknown MNIST arch {arch!r} (model.arch); choose 'mlp' or 'cnn'")
     unknown = set(options) - allowed[arch]
     if unknown:
-        raise TypeError(f"unknown option(s) for {arch!r}: {sorted(unknown)}")
+        raise TypeError(
+            f"unknown model.options for {arch!r}: {', '.join(sorted(unknown))} "
+            f"(it takes {', '.join(sorted(allowed[arch]))})"
+        )
     settings = {**_MODEL_DEFAULTS, **options}
     activation = str(settings["activation"])
     if activation not in _ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+        raise ValueError(
+            f"model.options.activation must be one of {', '.join(sorted(_ACTIVATIONS))}, "
+            f"got {activation!r}"
+        )
     act = _ACTIVATIONS[activation]
     if arch == "mlp":
         hidden = int(settings["hidden"])
