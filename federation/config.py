@@ -382,7 +382,9 @@ def load_experiment(path: str | os.PathLike[str], base: Path | None = None) -> E
     """Load an experiment YAML; relative paths in it resolve against ``base``, by default
     the file's own directory (so a config works from any working directory)."""
     data, p = _read_yaml(path)
-    return experiment_from_dict(data, source=str(p), base=base or p.resolve().parent)
+    config = experiment_from_dict(data, source=str(p), base=base or p.resolve().parent)
+    check_site_count(config, config.sites.count, "'sites.count'")
+    return config
 
 
 # --- Deployments: one SuperLink and one SuperNode per site (``more-fl deploy``) -------------
@@ -543,10 +545,29 @@ def find_experiment(reference: str, *, project_dir: str, app_dir: Path) -> Path:
     raise ConfigError(f"experiment {reference!r} not found in {where} (looked at {candidate})")
 
 
+def check_site_count(config: ExperimentConfig, count: int, where: str) -> None:
+    """Refuse a site count the task's data cannot give every site a train and a test
+    example (so 1,000 sites on 800 test rows fail here, once, not in round 1 at each site)."""
+    from federation.tasks import get_task  # the task modules import torch: only when needed
+
+    options = {**config.task.options, "data_dir": config.task.data_dir}
+    try:
+        sizes = get_task(config.task.name).split_sizes(options)
+    except (TypeError, ValueError):  # a malformed option: the task's loader names it
+        return
+    if sizes is not None and count > min(sizes):
+        raise ConfigError(
+            f"{config.source}: {where} is {count}, but task {config.task.name!r} has "
+            f"{sizes[0]} train and {sizes[1]} test examples: at most {min(sizes)} sites can "
+            "each get both"
+        )
+
+
 def with_site_count(config: ExperimentConfig, count: int) -> ExperimentConfig:
     """The experiment run by ``count`` sites (a simulation's node count decides it)."""
     if count == config.sites.count:
         return config
+    check_site_count(config, count, "the number of sites")
     secure = config.federation.secure_aggregation.enabled
     needed = max(config.federation.min_sites, 2 if secure else 1)
     if count < needed:

@@ -272,3 +272,33 @@ def test_the_app_excludes_every_dependency_from_flowers_uv_sync() -> None:
     ]
     assert set(names) <= set(project["tool"]["uv"]["exclude-dependencies"])
 
+
+def test_a_lost_site_is_named_by_site_in_the_log_and_the_report(tmp_path: Path) -> None:
+    """Site 2 dies after round 1: round 2 goes on with the others, and the history and the
+    report name site 2 (not a node id) as missing."""
+    experiment = _write(tmp_path, {**TINY, "training": {**TINY["training"], "rounds": 2}})
+    run_config = _run_config(experiment, tmp_path / "out")
+    dead: set[int] = set()
+    replies: dict[int, int] = {}
+
+    def die_after_round_one(node: int, reply: object) -> object:
+        replies[node] = replies.get(node, 0) + 1
+        if node == max(grid.contexts) and replies[node] >= 2:  # its round-1 evaluate
+            dead.add(node)
+        return reply
+
+    class Grid(LocalGrid):
+        def get_node_ids(self) -> list[int]:
+            return [n for n in self.contexts if n not in dead]
+
+    grid = Grid(client_app.app, SIMULATED, run_config, tamper=die_after_round_one)
+    main(grid, _context(run_config))
+    history = json.loads((tmp_path / "out" / "encrypted" / "history.json").read_text())
+    assert [h["missing"] for h in history] == [[], [2]] and history[1]["sites"] == 2
+    assert "encrypted round 2: site 2 did not reply" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_an_impossible_site_count_is_refused_when_the_config_loads(tmp_path: Path) -> None:
+    data = {**TINY, "sites": {"count": 100}}  # 300 patients: 60 test rows
+    with pytest.raises(ConfigError, match=r"'sites.count' is 100.*at most 60 sites"):
+        load_experiment(_write(tmp_path, data))

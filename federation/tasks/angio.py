@@ -21,8 +21,10 @@ few Gaussian scale layers, and the smooth anatomy uses analytic ray-ellipsoid ch
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -828,6 +830,16 @@ def _split_patients(data: AngioSet, test_fraction: float, seed: int) -> tuple[An
     n_test = min(len(patients) - 1, max(1, round(test_fraction * len(patients))))
     test = np.isin(data.patient, order[:n_test])
     return data.take(np.flatnonzero(~test)), data.take(np.flatnonzero(test))
+
+
+def split_sizes(options: Mapping[str, Any]) -> tuple[int, int] | None:
+    """(train, test) example counts of the synthetic data; ``None`` for a DICOM folder
+    (known only once it is read)."""
+    if options.get("data_dir") is not None:
+        return None
+    return int(options.get("n_train", DEFAULTS["n_train"])), int(
+        options.get("n_test", DEFAULTS["n_test"])
+    )
 
 
 def load_task_data(

@@ -20,8 +20,10 @@ import os
 import tempfile
 import urllib.request
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -326,6 +328,16 @@ def carve_indices(
         )
     perm = np.random.default_rng(seed).permutation(total)
     return np.sort(perm[:n_train]), np.sort(perm[n_train : n_train + n_test])
+
+
+def split_sizes(options: Mapping[str, Any]) -> tuple[int, int]:
+    """(train, test) example counts at most (the carve sizes unless the standard split is
+    asked for: ``auto`` may carve), without reading the files."""
+    if options.get("split", DEFAULTS["split"]) == "standard":
+        return 60_000, 10_000
+    return int(options.get("n_train", DEFAULTS["n_train"])), int(
+        options.get("n_test", DEFAULTS["n_test"])
+    )
 
 
 def load_task_data(

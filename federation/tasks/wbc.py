@@ -20,6 +20,7 @@ import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -472,6 +473,13 @@ def normalise_inputs(inputs: np.ndarray, names: Sequence[str]) -> np.ndarray:
     """Map each input from its sampling range onto [-1, 1] (the declared feature range)."""
     lo, hi = np.array([INPUT_RANGES[name] for name in names], dtype=np.float64).T
     return 2.0 * (inputs - lo) / (hi - lo) - 1.0
+
+
+def split_sizes(options: Mapping[str, Any]) -> tuple[int, int]:
+    """(train, test) example counts ``load_task_data`` will give, without simulating."""
+    n = int(options.get("n_samples", DEFAULTS["n_samples"]))
+    n_test = round(n * float(options.get("test_fraction", DEFAULTS["test_fraction"])))
+    return n - n_test, n_test
 
 
 def load_task_data(
