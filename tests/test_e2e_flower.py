@@ -331,3 +331,44 @@ def test_a_failed_run_exits_non_zero_with_its_cause_last(tmp_path: Path) -> None
     assert last.startswith("more-fl run: run ") and " failed: " in last and "mnist" in last.lower()
     report = (tmp_path / "runs" / "mnist-missing" / "report.md").read_text()
     assert "status: **failed at encrypted round 1" in report
+
+
+def test_bare_flwr_run_installs_nothing_and_fits_flowers_default_node_count(
+    tmp_path: Path,
+) -> None:
+    """`flwr run . --stream` with Flower's defaults: runtime dependency installation on and
+    2 simulated SuperNodes for a 3-site experiment. uv installs nothing, the run uses 2 sites
+    and completes."""
+    experiment = _experiment(
+        tmp_path, "wbc-bare", {"name": "wbc", "options": {"n_samples": 300}}, 3, 1
+    )
+    home = tmp_path / "flwr-home"
+    env = deploy.flower_env()
+    del env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"]
+    env.update(
+        FLWR_HOME=str(home),
+        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(_free_port()),
+        FLWR_LOCAL_CONTROL_API_PORT=str(_free_port()),
+    )
+    settings = f'experiment="{experiment}" output-dir="{tmp_path / "out"}" centralised=false'
+    try:
+        done = subprocess.run(
+            ["flwr", "run", ".", "--stream", "--run-config", settings],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+    finally:
+        for pid in _pids_mentioning(str(home)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+    out = done.stdout + done.stderr
+    assert "No additional application dependencies needed installation." in out, out
+    assert "running 2 sites" in out
+    (entry,) = json.loads((tmp_path / "out" / "encrypted" / RunStore.HISTORY).read_text())
+    assert entry["sites"] == 2
+    assert "status: **completed**" in (tmp_path / "out" / "report.md").read_text()
+    assert not _pids_wait_gone(str(home))
