@@ -142,28 +142,6 @@ def _encrypted_only(experiment: Path, output: Path) -> dict[str, object]:
     }
 
 
-def test_flwr_run_wbc_encrypted_equals_plaintext_in_the_report(
-    flwr_env: dict[str, str], tmp_path: Path
-) -> None:
-    experiment = _experiment(
-        tmp_path, "wbc-e2e", {"name": "wbc", "options": {"n_samples": 300}}, 3, 1, dtype="float64"
-    )
-    run = _flwr_run(
-        flwr_env,
-        3,
-        {"experiment": str(experiment), "output-dir": str(tmp_path / "out"), "resume": False},
-        tmp_path,
-    )
-    assert run["status"] == "finished:completed", (tmp_path / "run.log").read_text()
-    report = (tmp_path / "out" / "report.md").read_text()
-    assert "status: **completed**" in report
-    encrypted = json.loads((tmp_path / "out" / "encrypted" / RunStore.HISTORY).read_text())
-    plaintext = json.loads((tmp_path / "out" / "plaintext" / RunStore.HISTORY).read_text())
-    assert [h["sites"] for h in encrypted] == [3]
-    for e, p in zip(encrypted, plaintext, strict=True):
-        assert e["evaluate"]["r2_mean"] == pytest.approx(p["evaluate"]["r2_mean"], abs=1e-10)
-
-
 @pytest.mark.parametrize("task", ["mnist", "angio"])
 def test_flwr_run_trains_each_task_encrypted(
     flwr_env: dict[str, str], tmp_path: Path, task: str
@@ -305,6 +283,12 @@ def test_the_readmes_first_main_command_works_as_pasted(tmp_path: Path) -> None:
     assert "encrypted vs plaintext: largest final metric difference" in out
     assert "status: **completed**" in report.read_text()
     assert "runtime-envs" not in out  # Flower installed nothing
+    runs = clone / "runs" / "wbc"
+    encrypted = json.loads((runs / "encrypted" / RunStore.HISTORY).read_text())
+    plaintext = json.loads((runs / "plaintext" / RunStore.HISTORY).read_text())
+    assert [h["sites"] for h in encrypted] == [3] * 10
+    for e, p in zip(encrypted, plaintext, strict=True):  # decrypt(encrypted) == plaintext
+        assert e["evaluate"]["r2_mean"] == pytest.approx(p["evaluate"]["r2_mean"], abs=1e-10)
     assert not _pids_wait_gone(str(clone))
 
 
