@@ -64,7 +64,7 @@ def test_inverse_is_homomorphic(x, k) -> None:
         ("exp", torch.exp),
         ("sigmoid", torch.sigmoid),
         ("tanh", torch.tanh),
-        ("softplus", lambda t: F.softplus(t, threshold=1e9)),
+        ("softplus", F.softplus),
         ("square", torch.square),
     ],
 )
@@ -195,7 +195,9 @@ def test_softmax_is_homomorphic_and_bounded(dtype) -> None:
     # Shadow logits with a spread of 120: exp would overflow float32 and drown the data.
     c = encrypt(z.to(dtype), k, FeatureRange(-60.0, 60.0), seed=3)
     p = c.softmax(dim=-1)
-    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    # The channel-wise maximum subtracted first: 5x to 15x below the former scaling and
+    # squaring (1.1e-14 and 7.6e-6 here).
+    tol = 5e-15 if dtype == torch.float64 else 3e-6
     assert float((decrypt(p, k).double() - torch.softmax(z, -1)).abs().max()) < tol
     r = decrypt_shadow(c, k).double()
-    assert float((decrypt_shadow(p, k).double() - torch.softmax(r, -1)).abs().max()) < 1e3 * tol
+    assert float((decrypt_shadow(p, k).double() - torch.softmax(r, -1)).abs().max()) < tol

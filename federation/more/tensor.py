@@ -2,8 +2,9 @@
 
 A logical tensor of shape ``[...]`` is stored as real 2x2 matrices ``[..., 2, 2]``. All
 ciphertexts under one key lie in one commutative algebra isomorphic to R x R, so sums,
-matrix products, inverses and analytic matrix functions act on the data and the shadow
-channel independently. Nothing here holds or accepts a key: this type cannot decrypt.
+matrix products, inverses and any element-wise function (by the eigenvalue-symmetric formula
+of :mod:`federation.more.elementwise`: relu, tanh, max pooling, ...) act on the data and the
+shadow channel independently. Nothing here holds or accepts a key: this type cannot decrypt.
 
 Gradients: for an encrypted scalar loss ``L``, the gradient in the algebra is the transpose
 (last two dims) of the gradient torch autograd returns for ``trace(L)``; :attr:`grad` and
@@ -20,7 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from federation.more.analytic import ANALYTIC
+from federation.more import elementwise as ew
+from federation.more.elementwise import ElementFn, FnPair
 
 Plain = float | int | torch.Tensor | np.ndarray
 
@@ -55,24 +57,51 @@ def _inv(c: torch.Tensor) -> torch.Tensor:
     return adj / det[..., None, None]
 
 
-class _Analytic(torch.autograd.Function):
-    """``f(C)`` with the algebra's chain rule: grad_C = f'(C)^T grad_Y.
+def _per_dim(value: Any, n: int) -> tuple[Any, ...]:
+    """An int (or None) for every dim, or a sequence of one or ``n``, as torch's pooling."""
+    values = tuple(value) if isinstance(value, Sequence) else (value,)
+    return values * n if len(values) == 1 else values
 
-    Inside the commutative algebra the Frechet derivative of ``f`` at ``C`` is multiplication
-    by ``f'(C)``; every gradient that reaches here is (the transpose of) an algebra element,
-    so this equals the true autograd result at the cost of one 2x2 product.
+
+def _window_index(
+    size: int, out: int, kernel: int, stride: int, padding: int, dilation: int, device: Any
+) -> torch.Tensor:
+    """``[out, kernel]`` positions of pooling windows along one dim; cells in the padding
+    repeat the window's first valid cell."""
+    pos = torch.arange(out)[:, None] * stride - padding + torch.arange(kernel)[None] * dilation
+    valid = (pos >= 0) & (pos < size)
+    if not bool(valid.any(1).all()):
+        raise ValueError("max pooling: a window lies entirely in the padding")
+    first = pos.gather(1, valid.to(torch.int8).argmax(1, keepdim=True))
+    return torch.where(valid, pos, first).to(device)
+
+
+def _adaptive_index(size: int, out: int, device: Any) -> torch.Tensor:
+    """torch's adaptive windows ``[floor(i size / out), ceil((i + 1) size / out))`` along
+    one dim, as ``[out, longest]`` positions, short windows filled up with their first cell."""
+    i = torch.arange(out)
+    start, end = i * size // out, ((i + 1) * size + out - 1) // out
+    pos = start[:, None] + torch.arange(int((end - start).max()))[None]
+    return torch.where(pos < end[:, None], pos, start[:, None]).to(device)
+
+
+def _tree_max(cells: torch.Tensor, dim: int) -> torch.Tensor:
+    """The channel-wise maximum of ciphertext entries along entries dim ``dim`` (kept, size 1).
+
+    A pairwise tree of ``max(a, b) = a + relu(b - a)`` over neighbours, ``a`` the earlier one
+    and ``relu'(0) = 0``: a tie's gradient goes to the first maximum along ``dim``.
     """
-
-    @staticmethod
-    def forward(ctx: Any, entries: torch.Tensor, name: str) -> torch.Tensor:
-        value, deriv = ANALYTIC[name](entries)
-        ctx.save_for_backward(deriv)
-        return value
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (deriv,) = ctx.saved_tensors
-        return _mm(deriv.mT, grad), None
+    relu = ew.relu()
+    dim %= cells.ndim
+    while cells.shape[dim] > 1:
+        count = cells.shape[dim]
+        first = cells[(slice(None),) * dim + (slice(0, count - 1, 2),)]
+        second = cells[(slice(None),) * dim + (slice(1, count, 2),)]
+        paired = first + ew.channelwise(second - first, *relu)
+        if count % 2:
+            paired = torch.cat((paired, cells.narrow(dim, count - 1, 1)), dim)
+        cells = paired
+    return cells
 
 
 def encode_plain(value: Plain, *, dtype: torch.dtype | None = None) -> EncryptedTensor:
@@ -293,51 +322,87 @@ class EncryptedTensor:
         """Element-wise inverse (both channels must be non-zero)."""
         return self._wrap(_inv(self._entries))
 
-    def _analytic(self, name: str) -> EncryptedTensor:
-        return self._wrap(_Analytic.apply(self._entries, name))
+    # --- element-wise functions, channel by channel (federation.more.elementwise) ----------
+    def map(self, f: ElementFn, df: ElementFn) -> EncryptedTensor:
+        """``f`` applied to the data and to the shadow channel of every element, key-free.
+
+        ``f`` and its derivative ``df`` take and return plain tensors of one shape; ``df``
+        gives the backward pass (at a kink, the one-sided value torch uses).
+        """
+        return self._wrap(ew.channelwise(self._entries, f, df))
+
+    def _map(self, pair: FnPair) -> EncryptedTensor:
+        return self.map(*pair)
 
     def exp(self) -> EncryptedTensor:
-        return self._analytic("exp")
+        return self._map(ew.exp())
 
     def sigmoid(self) -> EncryptedTensor:
-        """``(I + tanh(C/2)) / 2``, i.e. ``inv(I + exp(-C))`` without the large ``exp``."""
-        return self._analytic("sigmoid")
+        return self._map(ew.sigmoid())
 
     def tanh(self) -> EncryptedTensor:
-        return self._analytic("tanh")
+        return self._map(ew.tanh())
 
-    def softplus(self) -> EncryptedTensor:
-        """``log(I + exp(C))`` by Newton iterations (no eigen-decomposition)."""
-        return self._analytic("softplus")
+    def softplus(self, beta: float = 1.0, threshold: float = 20.0) -> EncryptedTensor:
+        """torch's softplus, including its switch to ``x`` where ``x * beta > threshold``."""
+        return self._map(ew.softplus(beta, threshold))
 
-    def entry_bound(self) -> float:
-        """A key-free bound on the spectral norm of every block (2 x the largest entry).
+    def relu(self) -> EncryptedTensor:
+        return self._map(ew.relu())
 
-        Scaling algorithms (tanh doubling, softmax squaring) size their steps with it, as
-        ``torch.linalg.matrix_exp`` does with norms; it is not a comparison of plaintexts.
-        """
-        return 2.0 * float(self._entries.detach().abs().amax()) if self.numel() else 0.0
+    def leaky_relu(self, negative_slope: float = 0.01) -> EncryptedTensor:
+        return self._map(ew.leaky_relu(negative_slope))
+
+    def elu(self, alpha: float = 1.0) -> EncryptedTensor:
+        return self._map(ew.elu(alpha))
+
+    def gelu(self, approximate: str = "none") -> EncryptedTensor:
+        return self._map(ew.gelu(approximate))
+
+    def silu(self) -> EncryptedTensor:
+        return self._map(ew.silu())
+
+    def hardtanh(self, min_val: float = -1.0, max_val: float = 1.0) -> EncryptedTensor:
+        return self._map(ew.hardtanh(min_val, max_val))
+
+    def clamp(self, min: float | None = None, max: float | None = None) -> EncryptedTensor:
+        return self._map(ew.clamp(min, max))
+
+    def abs(self) -> EncryptedTensor:
+        return self._map(ew.absolute())
+
+    def sqrt(self) -> EncryptedTensor:
+        """Channels that round-off puts just below 0 give 0 rather than NaN."""
+        return self._map(ew.sqrt())
+
+    def rsqrt(self) -> EncryptedTensor:
+        return self._map(ew.rsqrt())
+
+    def log(self) -> EncryptedTensor:
+        return self._map(ew.log())
+
+    def maximum(self, other: EncryptedTensor | Plain) -> EncryptedTensor:
+        """``other + relu(self - other)``: the difference is a ciphertext under the same key,
+        so the comparison is channel-wise. Ties split the gradient evenly, as torch's."""
+        return (self - other)._map(ew.relu_tie_half()) + other
+
+    def amax(self, dim: int = -1, keepdim: bool = False) -> EncryptedTensor:
+        """The channel-wise maximum along ``dim`` (see :func:`_tree_max`); a tie's gradient
+        goes to the first maximum, as ``torch.max(dim)`` sends it (``torch.amax`` splits it)."""
+        d = self._dim(dim)
+        out = _tree_max(self._entries, d)
+        return self._wrap(out if keepdim else out.squeeze(d))
 
     def softmax(self, dim: int = -1) -> EncryptedTensor:
-        """Softmax along ``dim`` by scaling and squaring, with every intermediate in (0, 1].
+        """Softmax along ``dim`` after subtracting the channel-wise maximum, as torch does.
 
-        ``exp`` of raw logits would be ``e^|r|`` large in a channel with large logits and its
-        round-off would swamp the other channel. Instead the (mean-centred) logits are
-        halved ``k`` times until ``exp`` is near ``I``, normalised, and squared back with
-        ``softmax(2z) = softmax(z)^2 / sum(softmax(z)^2)``; relative round-off grows only
-        like ``2^k eps``.
+        Every ``exp`` is then at most 1 in each channel and the sum at least 1: ``exp`` of raw
+        logits would be ``e^|r|`` large in a channel with large logits and its round-off would
+        swamp the other channel. (Measured in float32 against a scaling-and-squaring softmax:
+        8x smaller error.)
         """
-        z = self - self.mean(dim=dim, keepdim=True)
-        bound = z.entry_bound()
-        if not math.isfinite(bound):
-            return self._wrap(torch.full_like(self._entries, math.nan))
-        k = max(0, math.ceil(math.log2(bound))) if bound > 1.0 else 0
-        p = (z * (1.0 / 2**k)).exp()
-        p = p * p.sum(dim=dim, keepdim=True).inverse()
-        for _ in range(k):
-            p = p * p
-            p = p * p.sum(dim=dim, keepdim=True).inverse()
-        return p
+        p = (self - self.amax(dim, keepdim=True)).exp()
+        return p * p.sum(dim=dim, keepdim=True).inverse()
 
     # --- reductions and shape ---------------------------------------------------------------
     def _dim(self, dim: int) -> int:
@@ -371,6 +436,20 @@ class EncryptedTensor:
         start = start_dim % self.ndim
         end = end_dim % self.ndim
         return self._wrap(self._entries.flatten(start, end))
+
+    view = reshape
+
+    def squeeze(self, dim: int | Sequence[int] | None = None) -> EncryptedTensor:
+        if dim is None:
+            lead = [n for n in self.shape if n != 1]
+            return self.reshape(lead)
+        dims = (dim,) if isinstance(dim, int) else tuple(dim)
+        return self._wrap(self._entries.squeeze(tuple(self._dim(d) for d in dims)))
+
+    def expand(self, *sizes: int | Sequence[int]) -> EncryptedTensor:
+        """Broadcast to ``sizes`` (``-1`` keeps a dim), as torch's ``expand``: no copy."""
+        dims = tuple(sizes[0]) if len(sizes) == 1 and not isinstance(sizes[0], int) else sizes
+        return self._wrap(self._entries.expand(*dims, 2, 2))
 
     def unsqueeze(self, dim: int) -> EncryptedTensor:
         return self._wrap(self._entries.unsqueeze(dim if dim >= 0 else dim - 2))
@@ -432,35 +511,84 @@ class EncryptedTensor:
             y = y + bias.entries
         return EncryptedTensor(y, fp)
 
+    def _conv(
+        self, weight: EncryptedTensor, bias: EncryptedTensor | None, n: int, **options: Any
+    ) -> EncryptedTensor:
+        """``n``-d convolution of ``[B, C, *spatial]`` by ``[O, C / groups, *kernel]`` as one
+        real convolution.
+
+        The matrix rows of the input fold into the batch (2B), its columns and the weight's
+        rows into the input channels (2C, channel-major, so groups stay contiguous), the
+        weight's columns into the outputs (2O).
+        """
+        name = f"conv{n}d"
+        self._spatial(n, name)
+        if self.ndim == n + 1:
+            return self.unsqueeze(0)._conv(weight, bias, n, **options)[0]
+        fp = join_fingerprints(self._fingerprint, weight.fingerprint)
+        x, w = self._entries, weight.entries
+        if w.ndim != n + 4:
+            raise ValueError(f"{name} expects a [O, C, *kernel] weight, got {weight.shape}")
+        b, c, spatial = x.shape[0], x.shape[1], x.shape[2 : n + 2]
+        o, ci, kernel = w.shape[0], w.shape[1], w.shape[2 : n + 2]
+        groups = options["groups"]
+        if ci * groups != c:
+            raise ValueError(f"{name}: input has {c} channels, weight expects {ci} x {groups}")
+        space = tuple(range(2, n + 2))
+        x2 = x.permute(0, n + 2, 1, n + 3, *space).reshape(2 * b, 2 * c, *spatial)
+        w2 = w.permute(0, n + 3, 1, n + 2, *space).reshape(2 * o, 2 * ci, *kernel)
+        y = (F.conv1d if n == 1 else F.conv2d)(x2, w2, **options)
+        y = y.reshape(b, 2, o, 2, *y.shape[2:]).permute(0, 2, *(d + 2 for d in space), 1, 3)
+        if bias is not None:
+            fp = join_fingerprints(fp, bias.fingerprint)
+            y = y + bias.entries.reshape(o, *(1,) * n, 2, 2)
+        return EncryptedTensor(y, fp)
+
+    def conv1d(
+        self,
+        weight: EncryptedTensor,
+        bias: EncryptedTensor | None = None,
+        stride: int | tuple[int] = 1,
+        padding: int | tuple[int] | str = 0,
+        dilation: int | tuple[int] = 1,
+        groups: int = 1,
+    ) -> EncryptedTensor:
+        """``F.conv1d`` of ``[B, C, L]`` by ``[O, C / groups, k]``."""
+        return self._conv(
+            weight, bias, 1, stride=stride, padding=padding, dilation=dilation, groups=groups
+        )
+
     def conv2d(
         self,
         weight: EncryptedTensor,
         bias: EncryptedTensor | None = None,
         stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] = 0,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
     ) -> EncryptedTensor:
-        """2-D convolution of ``[B, C, H, W]`` by ``[O, C, kh, kw]`` as one real convolution.
+        """``F.conv2d`` of ``[B, C, H, W]`` by ``[O, C / groups, kh, kw]`` (padding an int, a
+        pair, ``"same"`` or ``"valid"``)."""
+        return self._conv(
+            weight, bias, 2, stride=stride, padding=padding, dilation=dilation, groups=groups
+        )
 
-        The matrix rows of the input fold into the batch (2B), its columns and the weight's
-        rows into the input channels (2C), the weight's columns into the outputs (2O).
-        """
-        fp = join_fingerprints(self._fingerprint, weight.fingerprint)
-        x, w = self._entries, weight.entries
-        if x.ndim != 6:
-            raise ValueError(f"conv2d expects a [B, C, H, W] encrypted input, got {self.shape}")
-        b, c, h, wd = x.shape[:4]
-        o, ci, kh, kw = w.shape[:4]
-        if ci != c:
-            raise ValueError(f"conv2d: input has {c} channels, weight expects {ci}")
-        x2 = x.permute(0, 4, 1, 5, 2, 3).reshape(2 * b, 2 * c, h, wd)
-        w2 = w.permute(0, 5, 1, 4, 2, 3).reshape(2 * o, 2 * c, kh, kw)
-        y = F.conv2d(x2, w2, stride=stride, padding=padding)
-        ho, wo = y.shape[-2:]
-        y = y.reshape(b, 2, o, 2, ho, wo).permute(0, 2, 4, 5, 1, 3)
-        if bias is not None:
-            fp = join_fingerprints(fp, bias.fingerprint)
-            y = y + bias.entries[:, None, None]
-        return EncryptedTensor(y, fp)
+    def _spatial(self, n: int, name: str) -> None:
+        if self.ndim not in (n + 1, n + 2):
+            raise ValueError(
+                f"{name} expects a [B, C, *spatial] or [C, *spatial] encrypted input with "
+                f"{n} spatial dims, got {tuple(self.shape)}"
+            )
+
+    def _planes(self, n: int) -> torch.Tensor:
+        """The entries as ``[1, 4 * lead, *last n dims]``: a plaintext map of the last ``n``
+        dims then acts on each matrix entry alike (see :meth:`_from_planes`)."""
+        planes = self._entries.flatten(-2).movedim(-1, 0)
+        return planes.reshape(1, -1, *self.shape[self.ndim - n :])
+
+    def _from_planes(self, y: torch.Tensor, n: int) -> EncryptedTensor:
+        lead = self.shape[: self.ndim - n]
+        return self._wrap(y.reshape(4, *lead, *y.shape[2:]).movedim(0, -1).unflatten(-1, (2, 2)))
 
     def avg_pool2d(
         self,
@@ -469,14 +597,116 @@ class EncryptedTensor:
         padding: int | tuple[int, int] = 0,
     ) -> EncryptedTensor:
         """Average pooling: a plaintext linear map, applied to each matrix entry."""
+        self._spatial(2, "avg_pool2d")
+        return self._from_planes(F.avg_pool2d(self._planes(2), kernel_size, stride, padding), 2)
+
+    def adaptive_avg_pool2d(
+        self, output_size: int | tuple[int | None, int | None]
+    ) -> EncryptedTensor:
+        self._spatial(2, "adaptive_avg_pool2d")
+        return self._from_planes(F.adaptive_avg_pool2d(self._planes(2), output_size), 2)
+
+    def pad(
+        self, pad: Sequence[int], mode: str = "constant", value: float = 0.0
+    ) -> EncryptedTensor:
+        """``F.pad`` of the last ``len(pad) // 2`` logical dims. ``"constant"`` pads with the
+        key-free ``value * I``; ``"reflect"``, ``"replicate"`` and ``"circular"`` copy cells."""
+        pad = tuple(pad)
+        n = len(pad) // 2
+        if len(pad) % 2 or not 0 < n <= self.ndim:
+            raise ValueError(f"pad needs (left, right) pairs for 1 to {self.ndim} dims, got {pad}")
+        planes = self._planes(n)
+        if mode != "constant":
+            return self._from_planes(F.pad(planes, pad, mode=mode), n)
+        y = F.pad(planes, pad)
+        if value:
+            inner = torch.zeros(planes.shape[2:], dtype=self.dtype, device=self.device)
+            border = F.pad(inner, pad, value=float(value))
+            diagonal = _eye(inner).reshape(4, 1, *(1,) * n)
+            y = (y.unflatten(1, (4, -1)) + diagonal * border).flatten(1, 2)
+        return self._from_planes(y, n)
+
+    def _max_windows(self, index: Sequence[torch.Tensor]) -> EncryptedTensor:
+        """The channel-wise maximum of windows: ``index[i]`` (``[out_i, k_i]``) holds the
+        positions along the ``i``-th of the last ``len(index)`` dims; result ``[..., *out]``.
+        Cells are in row-major window order, so a tie's gradient goes to the first maximum,
+        where torch's max pooling sends it."""
+        n = len(index)
+        lead = self.ndim - n
         x = self._entries
-        if x.ndim != 6:
-            raise ValueError(f"avg_pool2d expects a [B, C, H, W] encrypted input, got {self.shape}")
-        b, c, h, w = x.shape[:4]
-        x2 = x.permute(0, 1, 4, 5, 2, 3).reshape(b, 4 * c, h, w)
-        y = F.avg_pool2d(x2, kernel_size, stride=stride, padding=padding)
-        ho, wo = y.shape[-2:]
-        return self._wrap(y.reshape(b, c, 2, 2, ho, wo).permute(0, 1, 4, 5, 2, 3))
+        for i, idx in enumerate(index):
+            x = x.index_select(lead + i, idx.reshape(-1))
+        outs = [int(idx.shape[0]) for idx in index]
+        sizes = [int(idx.shape[1]) for idx in index]
+        windows = (d for o, k in zip(outs, sizes, strict=True) for d in (o, k))
+        x = x.reshape(*self.shape[:lead], *windows, 2, 2)
+        order = [lead + 2 * i for i in range(n)] + [lead + 2 * i + 1 for i in range(n)]
+        x = x.permute(*range(lead), *order, x.ndim - 2, x.ndim - 1)
+        cells = x.reshape(*self.shape[:lead], *outs, math.prod(sizes), 2, 2)
+        return self._wrap(_tree_max(cells, cells.ndim - 3).squeeze(-3))
+
+    def _max_pool(
+        self,
+        n: int,
+        kernel_size: int | Sequence[int],
+        stride: int | Sequence[int] | None,
+        padding: int | Sequence[int],
+        dilation: int | Sequence[int],
+        ceil_mode: bool,
+    ) -> EncryptedTensor:
+        """Max pooling over the last ``n`` dims as torch's (which also checks the arguments).
+
+        torch pads with ``-inf``, which has no ciphertext; a padded or overhanging cell here
+        repeats its window's first valid cell instead, which neither changes the maximum nor,
+        at ties, the first-maximum order of the gradient.
+        """
+        self._spatial(n, f"max_pool{n}d")
+        size = self.shape[self.ndim - n :]
+        pool = F.max_pool1d if n == 1 else F.max_pool2d
+        probe = torch.empty(1, 1, *size, device="meta")
+        out = pool(probe, kernel_size, stride, padding, dilation, ceil_mode).shape[2:]
+        args = (kernel_size, stride or kernel_size, padding, dilation)
+        k, s, p, d = (_per_dim(v, n) for v in args)
+        index = [
+            _window_index(size[i], out[i], k[i], s[i], p[i], d[i], self.device) for i in range(n)
+        ]
+        return self._max_windows(index)
+
+    def max_pool1d(
+        self,
+        kernel_size: int | tuple[int],
+        stride: int | tuple[int] | None = None,
+        padding: int | tuple[int] = 0,
+        dilation: int | tuple[int] = 1,
+        ceil_mode: bool = False,
+    ) -> EncryptedTensor:
+        """``F.max_pool1d`` of ``[B, C, L]``, channel-wise."""
+        return self._max_pool(1, kernel_size, stride, padding, dilation, ceil_mode)
+
+    def max_pool2d(
+        self,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] | None = None,
+        padding: int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        ceil_mode: bool = False,
+    ) -> EncryptedTensor:
+        """``F.max_pool2d`` of ``[B, C, H, W]``, channel-wise."""
+        return self._max_pool(2, kernel_size, stride, padding, dilation, ceil_mode)
+
+    def adaptive_max_pool2d(
+        self, output_size: int | tuple[int | None, int | None]
+    ) -> EncryptedTensor:
+        """``F.adaptive_max_pool2d``: torch's windows ``[floor(i H / o), ceil((i + 1) H / o))``,
+        shorter ones filled up with their first cell."""
+        self._spatial(2, "adaptive_max_pool2d")
+        size = self.shape[-2:]
+        outs = _per_dim(output_size, 2)
+        index = [
+            _adaptive_index(size[i], size[i] if outs[i] is None else outs[i], self.device)
+            for i in range(2)
+        ]
+        return self._max_windows(index)
 
     # --- in place, for optimisers (no autograd) -------------------------------------------
     @torch.no_grad()

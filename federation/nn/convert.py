@@ -1,7 +1,10 @@
 """Convert a plain ``nn.Module`` to its encrypted twin and back (Opacus-style wrapping).
 
-The twin keeps the module tree and the ``state_dict`` keys; only the parameter shapes gain a
-trailing ``2, 2``. Layers the algebra cannot express are refused with the alternative.
+An ``nn.Sequential`` of supported layers becomes an ``nn.Sequential`` of twins; any other
+module is traced with torch.fx into an :class:`~federation.nn.graph.EncryptedGraphModule`.
+Either way the twin keeps the ``state_dict`` keys; only the shapes of encrypted entries gain a
+trailing ``2, 2``. :func:`validate` lists every obstacle at once, and :func:`to_encrypted`
+refuses a module with all of them before any data is encrypted.
 """
 
 from __future__ import annotations
@@ -14,107 +17,88 @@ from torch import nn
 from federation.more.cipher import FeatureRange, decrypt, encrypt
 from federation.more.keys import MoreKey
 from federation.more.tensor import EncryptedTensor, encode_plain
-from federation.nn.layers import (
-    EncryptedAvgPool2d,
-    EncryptedConv2d,
-    EncryptedFlatten,
-    EncryptedLayer,
-    EncryptedLinear,
-    EncryptedSigmoid,
-    EncryptedSoftplus,
-    EncryptedSquare,
-    EncryptedTanh,
-    Square,
-)
-
-_TWINS: dict[type[nn.Module], type[EncryptedLayer]] = {
-    nn.Linear: EncryptedLinear,
-    nn.Conv2d: EncryptedConv2d,
-    nn.AvgPool2d: EncryptedAvgPool2d,
-    nn.Flatten: EncryptedFlatten,
-    nn.Sigmoid: EncryptedSigmoid,
-    nn.Tanh: EncryptedTanh,
-    nn.Softplus: EncryptedSoftplus,
-    Square: EncryptedSquare,
-}
-
-_ACTIVATIONS = "nn.Sigmoid, nn.Tanh, nn.Softplus or federation.nn.Square"
-_ALTERNATIVES: dict[type[nn.Module], str] = {
-    nn.ReLU: _ACTIVATIONS,
-    nn.ReLU6: _ACTIVATIONS,
-    nn.LeakyReLU: _ACTIVATIONS,
-    nn.ELU: _ACTIVATIONS,
-    nn.GELU: _ACTIVATIONS,
-    nn.SiLU: _ACTIVATIONS,
-    nn.Hardtanh: "nn.Tanh",
-    nn.MaxPool1d: "nn.AvgPool2d",
-    nn.MaxPool2d: "nn.AvgPool2d",
-    nn.AdaptiveMaxPool2d: "nn.AvgPool2d",
-    nn.BatchNorm1d: "no normalisation layer: standardise the inputs in the data pipeline",
-    nn.BatchNorm2d: "no normalisation layer: standardise the inputs in the data pipeline",
-    nn.LayerNorm: "no normalisation layer: standardise the inputs in the data pipeline",
-    nn.Dropout: "no dropout: regularise with SGD weight decay",
-    nn.Dropout2d: "no dropout: regularise with SGD weight decay",
-    nn.Softmax: "no output softmax: the cross-entropy loss applies it",
-    nn.LogSoftmax: "no output softmax: the cross-entropy loss applies it",
-}
-
-SUPPORTED_LAYERS = tuple(t.__name__ for t in _TWINS)
+from federation.nn.graph import EncryptedGraphModule, TraceFailure, graph_problems, trace
+from federation.nn.layers import TWINS, EncryptedLayer, layer_problems
 
 
 class UnsupportedLayerError(TypeError):
-    """A layer compares values (ReLU, max-pooling, ...) or is otherwise not in the algebra."""
+    """The module cannot run on ciphertexts; ``problems`` lists every reason."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        if len(problems) == 1:
+            super().__init__(problems[0])
+        else:
+            lines = "\n".join(f"  - {p}" for p in problems)
+            super().__init__(f"{len(problems)} problems prevent encrypting this model:\n{lines}")
 
 
-def _refuse(path: str, module: nn.Module, reason: str | None = None) -> UnsupportedLayerError:
-    name = type(module).__name__
-    where = f" at '{path}'" if path else ""
-    alt = _ALTERNATIVES.get(type(module))
-    if reason:
-        return UnsupportedLayerError(f"{name}{where}: {reason}")
-    if alt:
-        return UnsupportedLayerError(
-            f"{name}{where} cannot run on MORE ciphertexts (it compares values or is not "
-            f"an algebra operation); use {alt} instead"
-        )
-    return UnsupportedLayerError(
-        f"{name}{where} has no encrypted twin; supported layers: {', '.join(SUPPORTED_LAYERS)} "
-        "inside nn.Sequential"
+def _is_layer(module: nn.Module) -> bool:
+    """A leaf to convert as a whole: a layer with a twin, or any torch layer (to refuse)."""
+    if type(module) in TWINS:
+        return True
+    return type(module).__module__.startswith("torch.nn") and not isinstance(
+        module, nn.Sequential | nn.ModuleList | nn.ModuleDict
     )
 
 
-def _check_layer(path: str, module: nn.Module) -> None:
-    if isinstance(module, nn.Conv2d):
-        if module.groups != 1 or module.dilation != (1, 1):
-            raise _refuse(path, module, "groups and dilation are not supported; use groups=1")
-        if module.padding_mode != "zeros" or isinstance(module.padding, str):
-            raise _refuse(path, module, "use numeric zero padding (padding_mode='zeros')")
-    if isinstance(module, nn.AvgPool2d):
-        if module.ceil_mode or not module.count_include_pad or module.divisor_override:
-            raise _refuse(path, module, "use ceil_mode=False, count_include_pad=True")
-    if isinstance(module, nn.Softplus) and module.beta != 1:
-        raise _refuse(path, module, "only beta=1 is supported")
+def _is_sequential_tree(module: nn.Module) -> bool:
+    """An ``nn.Sequential`` whose descendants are nested ``nn.Sequential`` or layers."""
+    return type(module) is nn.Sequential and all(
+        _is_sequential_tree(c) or _is_layer(c) for c in module.children()
+    )
 
 
-def _convert(module: nn.Module, dtype: torch.dtype, path: str = "") -> nn.Module:
+def _sequential_problems(module: nn.Module, path: str = "") -> list[str]:
+    problems = []
+    for name, child in module.named_children():
+        where = f"{path}.{name}" if path else name
+        if type(child) is nn.Sequential:
+            problems += _sequential_problems(child, where)
+        else:
+            problems += layer_problems(where, child)
+    return problems
+
+
+_UNTRACEABLE = (
+    "{name}: torch.fx cannot trace its forward ({reason}); convert an nn.Sequential of "
+    "supported layers, or a module whose forward takes no data-dependent Python decision "
+    "(an `if` on a tensor value, a loop over its values, a conversion to a Python number)"
+)
+
+
+def _analyse(module: nn.Module) -> tuple[list[str], torch.fx.Graph | None]:
+    """(every problem, the traced graph when the module needs one)."""
+    if _is_sequential_tree(module):
+        return _sequential_problems(module), None
+    if _is_layer(module):
+        return layer_problems("", module), None
+    try:
+        graph = trace(module)
+    except TraceFailure as exc:
+        return [_UNTRACEABLE.format(name=type(module).__name__, reason=exc)], None
+    return graph_problems(module, graph), graph
+
+
+def validate(module: nn.Module) -> list[str]:
+    """Everything that keeps ``module`` from running on ciphertexts ([] if nothing).
+
+    Like Opacus' ``ModuleValidator.validate``: all problems at once, each naming the layer or
+    operation, its path, and the alternative.
+    """
+    return _analyse(module)[0]
+
+
+def _convert(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     if type(module) is nn.Sequential:
-        return nn.Sequential(
-            *(
-                _convert(child, dtype, f"{path}.{n}" if path else n)
-                for n, child in module.named_children()
-            )
-        )
-    twin = _TWINS.get(type(module))
-    if twin is None:
-        raise _refuse(path, module)
-    _check_layer(path, module)
-    return twin(module, dtype)
+        return nn.Sequential(*(_convert(child, dtype) for child in module.children()))
+    return TWINS[type(module)](module, dtype)
 
 
 def _plain(module: nn.Module) -> nn.Module:
     if type(module) is nn.Sequential:
         return nn.Sequential(*(_plain(child) for child in module.children()))
-    if not isinstance(module, EncryptedLayer):
+    if not isinstance(module, EncryptedLayer | EncryptedGraphModule):
         raise TypeError(f"{type(module).__name__} is not an encrypted twin")
     return module.to_plain()
 
@@ -138,29 +122,56 @@ def set_model_fingerprint(model: nn.Module, fingerprint: str | None) -> None:
         layer.key_fingerprint = fingerprint
 
 
+def layer_parameters(
+    model: nn.Module,
+) -> Iterator[tuple[str, EncryptedLayer, str, nn.Parameter]]:
+    """(state_dict key, layer, name in the layer, stored parameter) of each parameter."""
+    for prefix, layer in model.named_modules():
+        if isinstance(layer, EncryptedLayer):
+            for name, p in layer.named_parameters(recurse=False):
+                yield (f"{prefix}.{name}" if prefix else name), layer, name, p
+
+
 def encrypted_parameters(model: nn.Module) -> dict[str, EncryptedTensor]:
     """Each parameter as an :class:`EncryptedTensor` sharing the parameter's storage."""
+    fp = model_fingerprint(model)
+    return {
+        key: EncryptedTensor(layer.blocks(name, p), fp)
+        for key, layer, name, p in layer_parameters(model)
+    }
+
+
+def encrypted_buffers(model: nn.Module) -> dict[str, EncryptedTensor]:
+    """Each encrypted buffer (batch-norm running statistics), sharing its storage."""
     fp = model_fingerprint(model)
     out = {}
     for prefix, layer in model.named_modules():
         if isinstance(layer, EncryptedLayer):
-            for name, p in layer.named_parameters(recurse=False):
-                key = f"{prefix}.{name}" if prefix else name
-                out[key] = EncryptedTensor(layer.blocks(name, p), fp)
+            for name, b in layer.named_buffers(recurse=False):
+                if name not in layer.plain_buffers:
+                    out[f"{prefix}.{name}" if prefix else name] = EncryptedTensor(b, fp)
     return out
+
+
+def plain_state_keys(model: nn.Module) -> set[str]:
+    """The ``state_dict`` keys that stay plaintext (counters such as num_batches_tracked)."""
+    return {
+        f"{prefix}.{name}" if prefix else name
+        for prefix, layer in model.named_modules()
+        if isinstance(layer, EncryptedLayer)
+        for name in layer.plain_buffers
+        if getattr(layer, name) is not None
+    }
 
 
 def encrypted_gradients(model: nn.Module) -> dict[str, EncryptedTensor]:
     """The algebra gradient of each parameter that has one (transpose of autograd's)."""
     fp = model_fingerprint(model)
-    out = {}
-    for prefix, layer in model.named_modules():
-        if isinstance(layer, EncryptedLayer):
-            for name, p in layer.named_parameters(recurse=False):
-                if p.grad is not None:
-                    key = f"{prefix}.{name}" if prefix else name
-                    out[key] = EncryptedTensor(layer.blocks(name, p.grad).mT, fp)
-    return out
+    return {
+        key: EncryptedTensor(layer.blocks(name, p.grad).mT, fp)
+        for key, layer, name, p in layer_parameters(model)
+        if p.grad is not None
+    }
 
 
 def to_encrypted(
@@ -170,24 +181,29 @@ def to_encrypted(
     dtype: torch.dtype | None = None,
     seed: int | None = None,
 ) -> nn.Module:
-    """The encrypted twin of ``module`` (an ``nn.Sequential`` of supported layers).
+    """The encrypted twin of ``module`` (an ``nn.Sequential`` or any traceable module).
 
     Without a key the parameters take the key-free encoding ``w * I`` (what the aggregator
-    does); with a key each parameter is encrypted with shadows uniform over its range.
+    does); with a key each parameter and running statistic is encrypted with shadows uniform
+    over its range. Raises :class:`UnsupportedLayerError` listing every problem first.
     """
+    problems, graph = _analyse(module)
+    if problems:
+        raise UnsupportedLayerError(problems)
     if dtype is None:
         params = list(module.parameters())
         dtype = params[0].dtype if params else torch.get_default_dtype()
-    twin = _convert(module, dtype)
+    twin = _convert(module, dtype) if graph is None else EncryptedGraphModule(module, graph, dtype)
     if key is not None:
         gen = torch.Generator()
         if seed is None:
             gen.seed()
         else:
             gen.manual_seed(seed)
-        plain = dict(module.named_parameters())
+        plain = module.state_dict()
+        state = {**encrypted_parameters(twin), **encrypted_buffers(twin)}
         with torch.no_grad():
-            for name, p in encrypted_parameters(twin).items():
+            for name, p in state.items():
                 w = plain[name].detach().to(dtype)
                 lo, hi = float(w.min()), float(w.max())
                 p.entries.copy_(encrypt(w, key, FeatureRange(lo, hi), generator=gen).entries)
@@ -196,20 +212,33 @@ def to_encrypted(
 
 
 def to_plain(twin: nn.Module, key: MoreKey) -> nn.Module:
-    """Decrypt a twin into a torch module with the same ``state_dict`` keys (site only)."""
+    """Decrypt a twin into a torch module with the same ``state_dict`` keys (site only).
+
+    For a traced module this is an instance of the user's own class.
+    """
     fp = model_fingerprint(twin)
     if fp is not None and fp != key.fingerprint:
         raise ValueError(f"model is under key {fp}, not under this key ({key.fingerprint})")
-    state = {name: decrypt(EncryptedTensor(t, fp), key) for name, t in twin.state_dict().items()}
-    dtype = next(iter(state.values())).dtype if state else torch.get_default_dtype()
-    plain = _plain(twin).to(dtype)
+    keep = plain_state_keys(twin)
+    state = {
+        name: t.clone() if name in keep else decrypt(EncryptedTensor(t, fp), key)
+        for name, t in twin.state_dict().items()
+    }
+    floats = [t.dtype for t in state.values() if t.is_floating_point()]
+    plain = _plain(twin).to(floats[0] if floats else torch.get_default_dtype())
     plain.load_state_dict(state)
     return plain
 
 
 def encode_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Key-free encodings ``w * I`` of a plain state dict: the aggregator's initial model."""
-    return {name: encode_plain(t.detach()).entries for name, t in state.items()}
+    """Key-free encodings ``w * I`` of a plain state dict: the aggregator's initial model.
+
+    Integer buffers (batch-norm's ``num_batches_tracked``) stay plaintext, as in the twin.
+    """
+    return {
+        name: encode_plain(t.detach()).entries if t.is_floating_point() else t.detach().clone()
+        for name, t in state.items()
+    }
 
 
 def load_encrypted_state(

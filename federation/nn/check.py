@@ -1,0 +1,235 @@
+"""Measure a twin against torch: one forward/backward, or a whole training run (site side).
+
+The central property (design note, section 4) for any layer, module, loss and optimiser:
+run the same computation in plaintext with torch and on ciphertexts, decrypt, and report
+the largest deviations. This needs the key, so only a site (or a test) calls it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
+
+from federation.more.cipher import FeatureRange, RegressionRange, ValidLabel, decrypt, encrypt
+from federation.more.keys import MoreKey
+from federation.more.tensor import EncryptedTensor
+from federation.nn.convert import (
+    encrypted_buffers,
+    encrypted_gradients,
+    plain_state_keys,
+    to_encrypted,
+    to_plain,
+)
+from federation.nn.losses import LossSpec, get_loss
+from federation.nn.optim import EncryptedAdam, EncryptedAdamW, EncryptedOptimizer, EncryptedSGD
+from federation.nn.train import predict_encrypted, train_encrypted, train_plain
+
+# Acceptance bounds of the central property (design note, section 4).
+FLOAT64_ABS_TOL = 1e-9
+FLOAT32_REL_TOL = 1e-4
+
+OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], type[EncryptedOptimizer]]] = {
+    "sgd": (torch.optim.SGD, EncryptedSGD),
+    "adam": (torch.optim.Adam, EncryptedAdam),
+    "adamw": (torch.optim.AdamW, EncryptedAdamW),
+}
+"""Optimiser name -> (torch's optimiser, its encrypted twin); both take torch's keywords."""
+
+
+@dataclass(frozen=True)
+class Deviation:
+    """Largest absolute difference, and that over the largest plaintext magnitude."""
+
+    abs: float
+    rel: float
+
+    @classmethod
+    def of(cls, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Deviation:
+        pairs = [(a, b) for a, b in pairs if b.numel()]
+        if not pairs:
+            return cls(0.0, 0.0)
+        diff = max(float((a.double() - b.double()).abs().max()) for a, b in pairs)
+        scale = max(float(b.double().abs().max()) for _, b in pairs)
+        return cls(diff, diff / max(scale, 1e-30))
+
+    def within(self, dtype: torch.dtype) -> bool:
+        """The design's bound: absolute in float64, relative in float32."""
+        return (
+            self.abs <= FLOAT64_ABS_TOL if dtype == torch.float64 else self.rel <= FLOAT32_REL_TOL
+        )
+
+
+def _paired(
+    decrypted: Mapping[str, torch.Tensor], plain: Mapping[str, torch.Tensor]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    if set(decrypted) != set(plain):
+        raise ValueError(f"keys differ: {sorted(set(decrypted) ^ set(plain))}")
+    return [(decrypted[k], plain[k]) for k in plain]
+
+
+def encrypt_targets(
+    y: torch.Tensor,
+    key: MoreKey,
+    loss: LossSpec,
+    dtype: torch.dtype,
+    *,
+    num_classes: int | None = None,
+    target_range: tuple[float, float] | None = None,
+    seed: int | None = None,
+) -> EncryptedTensor:
+    """Targets under the shadow rule: valid one-hot labels, or uniform over the target range."""
+    if get_loss(loss).categorical:
+        k = num_classes if num_classes is not None else int(y.max()) + 1
+        return encrypt(F.one_hot(y.long(), k).to(dtype), key, ValidLabel(k), seed=seed)
+    lo, hi = target_range if target_range is not None else (float(y.min()), float(y.max()))
+    return encrypt(y.to(dtype), key, RegressionRange(lo, hi), seed=seed)
+
+
+def _feature_range(x: torch.Tensor, given: tuple[float, float] | None) -> FeatureRange:
+    lo, hi = given if given is not None else (float(x.detach().min()), float(x.detach().max()))
+    return FeatureRange(lo, hi)
+
+
+@dataclass(frozen=True)
+class StepComparison:
+    """One forward and backward pass: outputs, input gradient, parameter gradients, buffers."""
+
+    outputs: Deviation
+    input_grad: Deviation
+    param_grads: Deviation
+    buffers: Deviation
+
+    def within(self, dtype: torch.dtype) -> bool:
+        parts = (self.outputs, self.input_grad, self.param_grads, self.buffers)
+        return all(d.within(dtype) for d in parts)
+
+
+def compare_step(
+    module: nn.Module,
+    x: torch.Tensor,
+    key: MoreKey,
+    *,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+    train: bool = True,
+) -> StepComparison:
+    """Run ``module`` and its twin (parameters encrypted under ``key``) on ``x``.
+
+    Back-propagates the same random output gradient through both, with the global RNG seeded
+    alike (dropout masks). Compares outputs, the input gradient, every parameter gradient and
+    the buffers afterwards (batch-norm running statistics).
+    """
+    plain = copy.deepcopy(module).to(dtype).train(train)
+    twin = to_encrypted(plain, key, dtype=dtype, seed=seed).train(train)
+    x = x.detach().to(dtype).clone().requires_grad_()
+    gen = torch.Generator().manual_seed(seed)
+    ex = encrypt(x.detach(), key, _feature_range(x, None), generator=gen).requires_grad_()
+    torch.manual_seed(seed)
+    out = plain(x)
+    torch.manual_seed(seed)
+    eout = twin(ex)
+    g = torch.randn(out.shape, generator=gen, dtype=dtype)
+    out.backward(g)
+    eout.backward(encrypt(g, key, generator=gen))
+    grads = {k: decrypt(v, key) for k, v in encrypted_gradients(twin).items()}
+    plain_grads = {k: p.grad for k, p in plain.named_parameters() if p.grad is not None}
+    buffers = {k: decrypt(v, key) for k, v in encrypted_buffers(twin).items()}
+    buffers.update({k: twin.get_buffer(k) for k in plain_state_keys(twin)})
+    return StepComparison(
+        outputs=Deviation.of([(decrypt(eout, key), out.detach())]),
+        input_grad=Deviation.of([(decrypt(ex.grad, key), x.grad)]),
+        param_grads=Deviation.of(_paired(grads, plain_grads)),
+        buffers=Deviation.of(_paired(buffers, dict(plain.named_buffers()))),
+    )
+
+
+@dataclass(frozen=True)
+class TrainingComparison:
+    """After training: parameters and buffers, and encrypted vs plaintext inference."""
+
+    dtype: torch.dtype
+    state: Deviation
+    outputs: Deviation
+
+    @property
+    def passed(self) -> bool:
+        return self.state.within(self.dtype) and self.outputs.within(self.dtype)
+
+
+def compare_training(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    key: MoreKey,
+    loss: LossSpec,
+    optimizer: str = "sgd",
+    dtype: torch.dtype = torch.float64,
+    epochs: int = 1,
+    batch_size: int = 16,
+    seed: int = 0,
+    num_classes: int | None = None,
+    feature_range: tuple[float, float] | None = None,
+    target_range: tuple[float, float] | None = None,
+    x_eval: torch.Tensor | None = None,
+    scheduler: Callable[[torch.optim.Optimizer], LRScheduler] | None = None,
+    **hyper: Any,
+) -> TrainingComparison:
+    """Train ``model`` with torch and its key-free twin on ciphertexts, then compare.
+
+    ``optimizer`` names a pair of :data:`OPTIMIZERS` built with ``hyper`` (torch's keywords);
+    ``scheduler(opt)`` (e.g. ``lambda o: StepLR(o, 1)``) is built for both and stepped after
+    each epoch. The global RNG is seeded alike before both runs (dropout masks agree).
+    """
+    plain_cls, enc_cls = OPTIMIZERS[optimizer]
+    plain = copy.deepcopy(model).to(dtype)
+    twin = to_encrypted(plain, None, dtype=dtype)
+    x = x.to(dtype)
+    x_eval = x if x_eval is None else x_eval.to(dtype)
+    criterion = get_loss(loss)
+    y_plain = y.long() if criterion.categorical else y.to(dtype)
+    opt = plain_cls(plain.parameters(), **hyper)
+    torch.manual_seed(seed)
+    train_plain(
+        plain,
+        x,
+        y_plain,
+        loss=criterion,
+        optimizer=opt,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        scheduler=scheduler(opt) if scheduler else None,
+    )
+    features = _feature_range(x, feature_range)
+    ex = encrypt(x, key, features, seed=seed + 1)
+    ey = encrypt_targets(
+        y, key, criterion, dtype, num_classes=num_classes, target_range=target_range, seed=seed + 2
+    )
+    eopt = enc_cls(twin, **hyper)
+    torch.manual_seed(seed)
+    train_encrypted(
+        twin,
+        ex,
+        ey,
+        loss=criterion,
+        optimizer=eopt,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        scheduler=scheduler(eopt) if scheduler else None,
+    )
+    decrypted = to_plain(twin, key).state_dict()
+    state = Deviation.of(_paired(decrypted, plain.state_dict()))
+    plain.eval()
+    with torch.no_grad():
+        out_plain = plain(x_eval)
+    out_enc = decrypt(predict_encrypted(twin, encrypt(x_eval, key, features, seed=seed + 3)), key)
+    return TrainingComparison(dtype, state, Deviation.of([(out_enc, out_plain)]))
