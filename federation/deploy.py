@@ -269,6 +269,14 @@ def _toml_value(value: str | bool | float) -> str:
     return json.dumps(value)
 
 
+def write_run_config(path: Path, settings: dict[str, str | bool | float]) -> Path:
+    """A run config as the TOML file ``flwr run --run-config`` reads."""
+    path.write_text(
+        "".join(f"{k} = {_toml_value(v)}\n" for k, v in settings.items()), encoding="utf-8"
+    )
+    return path
+
+
 def run_config(dep: DeploymentConfig, project_dir: Path) -> dict[str, str | bool | float]:
     """The app's run config for this deployment. An experiment inside the project is named
     relative to it, so a site on another host finds it in the app Flower installed. No
@@ -516,12 +524,19 @@ def _wait_healthy(fed: Federation, tls: TlsFiles | None, timeout: float = 60.0) 
     raise DeployError(f"the SuperLink did not answer at {url} within {timeout:g} s")
 
 
+def started_run_id(line: str) -> int | None:
+    """The run id in `flwr run`'s "Successfully started run <id>" line, if it is that line."""
+    if line.startswith("Successfully started run "):
+        return int(line.split()[3])
+    return None
+
+
 def _run_id(log: Path) -> int | None:
-    """The run id `flwr run` printed ("Successfully started run <id>"), once it has."""
+    """The run id `flwr run` printed, once it has."""
     if log.is_file():
         for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("Successfully started run "):
-                return int(line.split()[3])
+            if (run_id := started_run_id(line)) is not None:
+                return run_id
     return None
 
 
@@ -579,11 +594,8 @@ def _start_federation(fed: Federation, tls: TlsFiles | None, echo: Callable[[str
 
 def _submit(fed: Federation, project_dir: Path) -> subprocess.Popen[bytes]:
     """One streaming ``flwr run``: it ends when the run does, and its output is the log."""
-    config_file = fed.config.work_dir / "run-config.toml"
     settings = run_config(fed.config, project_dir)
-    config_file.write_text(
-        "".join(f"{k} = {_toml_value(v)}\n" for k, v in settings.items()), encoding="utf-8"
-    )
+    config_file = write_run_config(fed.config.work_dir / "run-config.toml", settings)
     argv = ["flwr", "run", str(project_dir), CONNECTION, "--run-config", str(config_file)]
     return fed.processes.start(
         "run", [*argv, "--stream"], home=fed.config.work_dir / "homes" / "cli"

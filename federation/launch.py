@@ -25,7 +25,13 @@ from pathlib import Path
 
 from federation import protocol
 from federation.config import load_experiment, with_site_count
-from federation.deploy import PROJECT_DIR, Processes, flower_env
+from federation.deploy import (
+    PROJECT_DIR,
+    Processes,
+    flower_env,
+    started_run_id,
+    write_run_config,
+)
 from federation.report import STATUS
 
 
@@ -49,14 +55,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _toml(value: str | bool | float) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return repr(value)
-    return json.dumps(value)
 
 
 class LocalFederation:
@@ -103,10 +101,7 @@ class LocalFederation:
 
     def submit(self, project_dir: Path, sites: int, run_config: dict) -> Path:
         """Start a streaming ``flwr run``; returns the file its output goes to."""
-        config_file = self.home / "run-config.toml"
-        config_file.write_text(
-            "".join(f"{k} = {_toml(v)}\n" for k, v in run_config.items()), encoding="utf-8"
-        )
+        config_file = write_run_config(self.home / "run-config.toml", run_config)
         argv = [
             "flwr",
             "run",
@@ -154,12 +149,6 @@ def _stream(log: Path, offset: int, echo: Callable[[str], None]) -> int:
     return offset + complete
 
 
-def _run_id(line: str) -> int | None:
-    if line.startswith("Successfully started run "):
-        return int(line.split()[3])
-    return None
-
-
 def run_federation(
     experiment: Path,
     *,
@@ -202,7 +191,7 @@ def run_federation(
 
         def show(line: str) -> None:
             nonlocal run_id
-            run_id = run_id or _run_id(line)
+            run_id = run_id or started_run_id(line)
             echo(line)
 
         while runner.poll() is None:
