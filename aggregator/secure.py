@@ -29,6 +29,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from federation import protocol
+from federation.aggregation import cast_average
 from federation.config import SecureAggregationConfig
 from federation.secagg import MODULUS, error_bound, quantization_range
 
@@ -215,7 +216,7 @@ def secure_round(
         model = messages[0].content[protocol.ARRAYS]
         if len(collect.average) == len(model):
             named = zip(model.items(), collect.average, strict=True)
-            average = {name: a.astype(np.dtype(ref.dtype)) for (name, ref), a in named}
+            average = {name: cast_average(a, np.dtype(ref.dtype)) for (name, ref), a in named}
         else:
             average = {f"array {i}": a for i, a in enumerate(collect.average)}
     return SecureResult(

@@ -34,7 +34,7 @@ from flwr.superlink.grid import InMemoryGrid
 
 from aggregator.strategy import EncryptedFedAvg, RoundFailedError, run_rounds
 from federation import protocol
-from federation.aggregation import RunStore, centralised_history, expected_shapes, initial_arrays
+from federation.aggregation import RunStore, centralised_history, counter_names, initial_arrays
 from federation.config import (
     ExperimentConfig,
     experiment_digest,
@@ -115,8 +115,10 @@ def run_mode(
     """One federated run (encrypted or plaintext) into ``<output_dir>/<mode>``."""
     encrypted = mode == protocol.MODE_ENCRYPTED
     mode_config = replace(config, federation=replace(config.federation, encrypted=encrypted))
+    initial = initial_arrays(mode_config)
     strategy = EncryptedFedAvg(
-        expected=expected_shapes(mode_config),
+        expected={k: tuple(v.shape) for k, v in initial.items()},
+        counters=counter_names(initial),
         encrypted=encrypted,
         num_sites=config.sites.count,
         min_sites=config.federation.min_sites,
@@ -133,7 +135,7 @@ def run_mode(
         strategy,
         grid,
         store,
-        initial=initial_arrays(mode_config),
+        initial=initial,
         num_rounds=config.training.rounds,
         round_timeout=settings.round_timeout,
         resume=resume,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
@@ -146,7 +146,8 @@ def weighted_metrics(updates: list[SiteReply]) -> dict[str, float]:
 class EncryptedFedAvg(FedAvg):
     """FedAvg over all connected sites that refuses any reply it cannot safely average.
 
-    ``expected``: names and shapes of the model arrays; ``fingerprint``: the federation's key
+    ``expected``: names and shapes of the model arrays (``counters``: those that are
+    integers); ``fingerprint``: the federation's key
     fingerprint when already known (a resumed run), else fixed by the first aggregated round.
     ``join_timeout``: how long the first round waits for all ``num_sites`` sites to be
     connected before it starts with the ``min_sites`` that are (later rounds do not wait
@@ -162,6 +163,7 @@ class EncryptedFedAvg(FedAvg):
         min_sites: int,
         fingerprint: str | None = None,
         join_timeout: float = 60.0,
+        counters: Collection[str] = (),
     ) -> None:
         super().__init__(
             fraction_train=1.0,
@@ -174,6 +176,7 @@ class EncryptedFedAvg(FedAvg):
             configrecord_key=protocol.CONFIG,
         )
         self.expected = dict(expected)
+        self.counters = frozenset(counters)
         self.encrypted = encrypted
         self.mode = protocol.MODE_ENCRYPTED if encrypted else protocol.MODE_PLAINTEXT
         self.num_sites = num_sites
@@ -297,6 +300,7 @@ class EncryptedFedAvg(FedAvg):
                     expected=self.expected,
                     federation_fingerprint=self.fingerprint,
                     encrypted=self.encrypted,
+                    counters=self.counters,
                 )
             except InvalidUpdate as exc:
                 round_log.refuse(node, str(exc), "train")
@@ -383,6 +387,7 @@ class EncryptedFedAvg(FedAvg):
                 expected=self.expected,
                 federation_fingerprint=self.fingerprint,
                 encrypted=self.encrypted,
+                counters=self.counters,
             )
         except InvalidUpdate as exc:
             round_log.refuse(-1, f"the secure sum is malformed: {exc}", "train")

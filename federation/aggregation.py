@@ -10,7 +10,7 @@ import io
 import json
 import os
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +18,9 @@ import numpy as np
 
 from federation.atomic import atomic_write_bytes
 from federation.config import ExperimentConfig
-from federation.experiment import initial_model, train_centralised
-from federation.nn.convert import encode_state_dict
+from federation.experiment import dtype_of, initial_model, make_optimizer, train_centralised
+from federation.nn.convert import to_encrypted
+from federation.nn.optim import optimizer_arrays
 
 
 class CheckpointError(ValueError):
@@ -31,15 +32,25 @@ class InvalidUpdate(ValueError):
 
 
 def initial_arrays(config: ExperimentConfig) -> dict[str, np.ndarray]:
-    """The seeded initial model: key-free encodings ``w * I`` (or plain weights)."""
-    state = initial_model(config).state_dict()
+    """The seeded initial model: key-free encodings ``w * I`` (or plain weights), with the
+    optimiser's state before its first step when the run keeps it (zeros are key-free)."""
+    model = initial_model(config)
     if config.federation.encrypted:
-        state = encode_state_dict(state)
+        model = to_encrypted(model, None, dtype=dtype_of(config))
+    state = dict(model.state_dict())
+    if config.training.keep_optimizer_state:
+        optimizer = make_optimizer(config, model, encrypted=config.federation.encrypted)
+        state.update(optimizer_arrays(optimizer, model))
     return {k: v.detach().numpy().copy() for k, v in state.items()}
 
 
 def expected_shapes(config: ExperimentConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in initial_arrays(config).items()}
+
+
+def counter_names(arrays: Mapping[str, np.ndarray]) -> frozenset[str]:
+    """The integer arrays (batch norm's ``num_batches_tracked``): averaged, then rounded."""
+    return frozenset(k for k, v in arrays.items() if np.issubdtype(v.dtype, np.integer))
 
 
 def validate_update(
@@ -50,8 +61,12 @@ def validate_update(
     expected: Mapping[str, tuple[int, ...]],
     federation_fingerprint: str | None,
     encrypted: bool,
+    counters: Collection[str] = (),
 ) -> None:
-    """Refuse anything that is not a finite update of the expected arrays under the key."""
+    """Refuse anything that is not a finite update of the expected arrays under the key.
+
+    ``counters`` name the arrays that are integers (every other one is floating point).
+    """
     if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
         raise InvalidUpdate(f"num_examples must be a positive integer, got {num_examples!r}")
     missing, extra = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
@@ -61,8 +76,10 @@ def validate_update(
         a = arrays[name]
         if tuple(a.shape) != tuple(shape):
             raise InvalidUpdate(f"'{name}' has shape {tuple(a.shape)}, expected {tuple(shape)}")
-        if not np.issubdtype(a.dtype, np.floating):
-            raise InvalidUpdate(f"'{name}' has dtype {a.dtype}, expected floating point")
+        kind = np.integer if name in counters else np.floating
+        if not np.issubdtype(a.dtype, kind):
+            expected_kind = "an integer" if name in counters else "floating point"
+            raise InvalidUpdate(f"'{name}' has dtype {a.dtype}, expected {expected_kind}")
         if not np.isfinite(a).all():
             raise InvalidUpdate(f"'{name}' holds non-finite values")
     if encrypted:
@@ -78,7 +95,8 @@ def validate_update(
 
 
 def fedavg(updates: list[tuple[Mapping[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
-    """``sum_k n_k w_k / sum_k n_k`` per array, accumulated in float64."""
+    """``sum_k n_k w_k / sum_k n_k`` per array, accumulated in float64 (integer arrays,
+    counters, rounded to the nearest integer)."""
     if not updates:
         raise ValueError("FedAvg needs at least one update")
     total = float(sum(n for _, n in updates))
@@ -88,8 +106,15 @@ def fedavg(updates: list[tuple[Mapping[str, np.ndarray], int]]) -> dict[str, np.
         acc = np.zeros(ref.shape, dtype=np.float64)
         for arrays, n in updates:
             acc += (n / total) * np.asarray(arrays[name], dtype=np.float64)
-        out[name] = acc.astype(ref.dtype)
+        out[name] = cast_average(acc, ref.dtype)
     return out
+
+
+def cast_average(average: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """An average in an array's own dtype: integers (counters) are rounded, not truncated."""
+    if np.issubdtype(dtype, np.integer):
+        average = np.rint(average)
+    return average.astype(dtype)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ import yaml
 TASKS = ("mnist", "wbc", "angio")
 PARTITIONS = ("iid", "non-iid")
 DTYPES = ("float32", "float64")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+ADAMS = ("adam", "adamw")
 TARGET_SHADOWS = ("auto", "valid-label", "range", "uniform")
 
 
@@ -168,6 +170,30 @@ def _fraction(r: _Reader, name: str, default: float) -> float:
     return v
 
 
+def _betas(r: _Reader, name: str, default: tuple[float, float]) -> tuple[float, float]:
+    """Adam's two decay rates, each in [0, 1)."""
+    v = r.get(name, list(default))
+    ok = (
+        isinstance(v, (list, tuple))
+        and len(v) == 2
+        and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in v)
+        and all(0.0 <= b < 1.0 for b in v)
+    )
+    if not ok:
+        raise r.fail(name, "two numbers in [0, 1), e.g. [0.9, 0.999]", v)
+    return (float(v[0]), float(v[1]))
+
+
+def _only_for(r: _Reader, chosen: str, keys: Mapping[str, tuple[str, ...]]) -> None:
+    """Refuse a key the chosen optimiser would silently ignore."""
+    for key, owners in keys.items():
+        if key in r.data and chosen not in owners:
+            raise ConfigError(
+                f"{r.source}: '{r._key(key)}' is not used by optimizer {chosen!r} "
+                f"(it is for {', '.join(owners)}); remove it or change 'training.optimizer'"
+            )
+
+
 def _location(r: _Reader, name: str, base: Path, default: Any = ...) -> Path:
     """A path that may be defaulted but not nulled."""
     v = r.path(name, base, default)
@@ -202,12 +228,22 @@ class SitesConfig:
 
 @dataclass(frozen=True)
 class TrainingConfig:
+    """Local training. ``optimizer`` is torch's SGD (``momentum``), Adam or AdamW (``betas``,
+    ``eps``), each with ``weight_decay``. ``keep_optimizer_state``: false starts each round's
+    local optimiser afresh (FedAvg's usual rule); true sends the sites' optimiser state
+    (momentum, Adam moments: ciphertexts like the weights) with their updates, averages it
+    like the weights, checkpoints it and continues from it in the next round."""
+
     rounds: int = 3
     local_epochs: int = 1
     batch_size: int = 32
+    optimizer: str = "sgd"
     lr: float = 0.05
     momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
     weight_decay: float = 0.0
+    keep_optimizer_state: bool = False
     dtype: str = "float64"
     seed: int = 0
 
@@ -302,13 +338,19 @@ def experiment_from_dict(
     s.done()
 
     tr = top.child("training")
+    optimizer = tr.choice("optimizer", OPTIMIZERS, "sgd")
+    _only_for(tr, optimizer, {"momentum": ("sgd",), "betas": ADAMS, "eps": ADAMS})
     training = TrainingConfig(
         rounds=tr.integer("rounds", 3, minimum=1),
         local_epochs=tr.integer("local_epochs", 1, minimum=1),
         batch_size=tr.integer("batch_size", 32, minimum=1),
+        optimizer=optimizer,
         lr=tr.number("lr", 0.05, strict=True),
         momentum=tr.number("momentum", 0.9),
+        betas=_betas(tr, "betas", (0.9, 0.999)),
+        eps=tr.number("eps", 1e-8, strict=True),
         weight_decay=tr.number("weight_decay", 0.0),
+        keep_optimizer_state=tr.boolean("keep_optimizer_state", False),
         dtype=tr.choice("dtype", DTYPES, "float64"),
         seed=tr.integer("seed", 0),
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -28,13 +28,9 @@ from federation.more.health import check_tensors
 from federation.more.keys import MoreKey, generate_key, load_key
 from federation.more.tensor import EncryptedTensor
 from federation.nn.convert import encrypted_parameters, to_encrypted, to_plain
-from federation.nn.train import (
-    EncryptedSGD,
-    predict_encrypted,
-    train_encrypted,
-    train_plain,
-)
-from federation.refresh import refresher
+from federation.nn.optim import OPTIMIZERS, EncryptedOptimizer, load_optimizer_arrays
+from federation.nn.train import predict_encrypted, train_encrypted, train_plain
+from federation.refresh import refresh_in_place, refresher
 from federation.tasks import get_task
 from federation.tasks.base import TaskData
 
@@ -186,6 +182,30 @@ def plain_targets(config: ExperimentConfig, y: torch.Tensor, loss: str) -> torch
     return y if loss == "cross_entropy" else y.to(dtype_of(config))
 
 
+def make_optimizer(
+    config: ExperimentConfig, model: nn.Module, *, encrypted: bool
+) -> torch.optim.Optimizer:
+    """The experiment's optimiser: torch's over a plain model, its twin over an encrypted one."""
+    t = config.training
+    plain_cls, encrypted_cls = OPTIMIZERS[t.optimizer]
+    hyper: dict[str, object] = {"lr": t.lr, "weight_decay": t.weight_decay}
+    if t.optimizer == "sgd":
+        hyper["momentum"] = t.momentum
+    else:
+        hyper.update(betas=t.betas, eps=t.eps)
+    if encrypted:
+        return encrypted_cls(model, **hyper)
+    return plain_cls(model.parameters(), **hyper)
+
+
+def _with_state(
+    optimizer: torch.optim.Optimizer, model: nn.Module, state: Mapping[str, torch.Tensor] | None
+) -> torch.optim.Optimizer:
+    if state is not None:
+        load_optimizer_arrays(optimizer, model, dict(state))
+    return optimizer
+
+
 def fit_plain(
     config: ExperimentConfig,
     model: nn.Module,
@@ -194,12 +214,12 @@ def fit_plain(
     epochs: int,
     seed: int,
     callback: Callable[[int, nn.Module], None] | None = None,
-) -> None:
-    """Plaintext SGD on ``data``'s training split with the experiment's hyper-parameters."""
-    t, loss = config.training, loss_of(data)
-    opt = torch.optim.SGD(
-        model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay
-    )
+    optimizer_state: Mapping[str, torch.Tensor] | None = None,
+) -> torch.optim.Optimizer:
+    """Plaintext training on ``data``'s training split with the experiment's optimiser
+    (continuing from ``optimizer_state`` when given); returns the optimiser."""
+    loss = loss_of(data)
+    opt = _with_state(make_optimizer(config, model, encrypted=False), model, optimizer_state)
     train_plain(
         model,
         data.x_train.to(dtype_of(config)),
@@ -207,10 +227,11 @@ def fit_plain(
         loss=loss,
         optimizer=opt,
         epochs=epochs,
-        batch_size=t.batch_size,
+        batch_size=config.training.batch_size,
         seed=seed,
         callback=callback,
     )
+    return opt
 
 
 def fit_encrypted(
@@ -223,10 +244,14 @@ def fit_encrypted(
     epochs: int,
     seed: int,
     callback: Callable[[int, nn.Module], None] | None = None,
-) -> None:
-    """The same SGD on ciphertexts; the key only builds the site's refresh hook."""
-    t = config.training
-    opt = EncryptedSGD(twin, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    optimizer_state: Mapping[str, torch.Tensor] | None = None,
+) -> EncryptedOptimizer:
+    """The same training on ciphertexts; the key only builds the site's refresh hook."""
+    opt = make_optimizer(config, twin, encrypted=True)
+    assert isinstance(opt, EncryptedOptimizer)
+    if optimizer_state is not None:  # re-encrypted like the received model (see Site)
+        _with_state(opt, twin, optimizer_state)
+        refresh_in_place(opt.encrypted_state(), key)
     train_encrypted(
         twin,
         split.x_train,
@@ -234,11 +259,12 @@ def fit_encrypted(
         loss=loss,
         optimizer=opt,
         epochs=epochs,
-        batch_size=t.batch_size,
+        batch_size=config.training.batch_size,
         seed=seed,
         callback=callback,
         step_hook=refresher(twin, opt, key, config.encryption.refresh_every),
     )
+    return opt
 
 
 @dataclass

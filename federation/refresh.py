@@ -1,7 +1,8 @@
 """A site's periodic re-encryption of the model it is training (it holds the key).
 
 The trainer never sees the key; it calls a step hook, and this hook (built by the site)
-re-encrypts the parameters and the optimiser's momentum in place every ``every`` steps, which
+re-encrypts the parameters, the batch-norm running statistics and the optimiser's state
+(momentum, Adam moments) in place every ``every`` steps, which
 keeps round-off from growing outside the key's algebra (see :func:`federation.more.refresh`).
 """
 
@@ -15,8 +16,8 @@ from torch import nn
 from federation.more.cipher import refresh
 from federation.more.keys import MoreKey
 from federation.more.tensor import EncryptedTensor
-from federation.nn.convert import encrypted_parameters
-from federation.nn.train import EncryptedSGD
+from federation.nn.convert import encrypted_buffers, encrypted_parameters
+from federation.nn.optim import EncryptedOptimizer
 
 StepHook = Callable[[int, int], None]
 
@@ -28,8 +29,13 @@ def refresh_in_place(tensors: list[EncryptedTensor], key: MoreKey) -> None:
         t.entries.copy_(refresh(t.detach(), key).entries)
 
 
+def model_ciphertexts(model: nn.Module) -> list[EncryptedTensor]:
+    """A twin's parameters and encrypted buffers, sharing their storage."""
+    return list(encrypted_parameters(model).values()) + list(encrypted_buffers(model).values())
+
+
 def refresher(
-    model: nn.Module, optimizer: EncryptedSGD, key: MoreKey, every: int
+    model: nn.Module, optimizer: EncryptedOptimizer, key: MoreKey, every: int
 ) -> StepHook | None:
     """A step hook that refreshes ``model`` and ``optimizer`` state every ``every`` steps."""
     if every <= 0:
@@ -42,8 +48,6 @@ def refresher(
         count += 1
         if count % every:
             return
-        refresh_in_place(
-            list(encrypted_parameters(model).values()) + optimizer.momentum_buffers(), key
-        )
+        refresh_in_place(model_ciphertexts(model) + optimizer.encrypted_state(), key)
 
     return hook

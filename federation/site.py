@@ -31,14 +31,20 @@ from federation.experiment import (
 from federation.more.cipher import decrypt
 from federation.more.health import check_tensors, diagnose
 from federation.more.keys import MoreKey
-from federation.nn.convert import encrypted_parameters, load_encrypted_state, to_encrypted
+from federation.nn.convert import (
+    encrypted_buffers,
+    encrypted_parameters,
+    load_encrypted_state,
+    to_encrypted,
+)
+from federation.nn.optim import optimizer_arrays, split_arrays
 from federation.nn.train import (
     TrainingDivergedError,
     batch_order,
     plain_loss,
     predict_encrypted,
 )
-from federation.refresh import refresh_in_place
+from federation.refresh import model_ciphertexts, refresh_in_place
 from federation.tasks.base import TaskData
 
 
@@ -104,38 +110,56 @@ class Site:
             self._split = encrypt_data(self.config, self.data, self._key, seed)
         return self._split
 
-    def _model(self, arrays: Mapping[str, np.ndarray]) -> nn.Module:
+    def _model(
+        self, arrays: Mapping[str, np.ndarray]
+    ) -> tuple[nn.Module, dict[str, torch.Tensor] | None]:
+        """The received global model, and its optimiser state when the run keeps one."""
+        model_arrays, optimizer_state = split_arrays(arrays)
         dtype = dtype_of(self.config)
         plain = initial_model(self.config)
         if not self.config.federation.encrypted:
-            state = {k: torch.as_tensor(np.asarray(v), dtype=dtype) for k, v in arrays.items()}
-            plain.load_state_dict(state)
-            return plain
+            plain.load_state_dict(
+                {k: torch.as_tensor(np.asarray(v)) for k, v in model_arrays.items()}
+            )
+            return plain, optimizer_state
         twin = to_encrypted(plain, None, dtype=dtype)
-        state = {k: torch.as_tensor(np.asarray(v)) for k, v in arrays.items()}
+        state = {k: torch.as_tensor(np.asarray(v)) for k, v in model_arrays.items()}
         # A global model is under the federation key (or key-free in round 1). Re-encrypt it:
         # whatever the aggregation left outside the key's algebra (round-off, or SecAgg+'s
         # quantisation noise) would otherwise grow during training.
         load_encrypted_state(twin, state, self.fingerprint)
         assert self._key is not None
-        refresh_in_place(list(encrypted_parameters(twin).values()), self._key)
-        return twin
+        refresh_in_place(model_ciphertexts(twin), self._key)
+        return twin, optimizer_state
 
     def train(self, arrays: Mapping[str, np.ndarray], server_round: int) -> LocalUpdate:
         t = self.config.training
-        model = self._model(arrays)
+        model, optimizer_state = self._model(arrays)
         loss = loss_of(self.data)
         seed = round_seed(self.config, self.site_id, server_round)
         n = len(self.data.x_train)
         if not self.config.federation.encrypted:
-            fit_plain(self.config, model, self.data, epochs=t.local_epochs, seed=seed)
-            arrays_out = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-            return LocalUpdate(arrays_out, n, None, {})
+            opt = fit_plain(
+                self.config,
+                model,
+                self.data,
+                epochs=t.local_epochs,
+                seed=seed,
+                optimizer_state=optimizer_state,
+            )
+            return LocalUpdate(self._arrays(model, opt), n, None, {})
         assert self._key is not None
         split = self._encrypted()
         try:
-            fit_encrypted(
-                self.config, model, split, self._key, loss, epochs=t.local_epochs, seed=seed
+            opt = fit_encrypted(
+                self.config,
+                model,
+                split,
+                self._key,
+                loss,
+                epochs=t.local_epochs,
+                seed=seed,
+                optimizer_state=optimizer_state,
             )
         except TrainingDivergedError as exc:
             batch = batch_order(n, t.batch_size, seed, exc.epoch)[exc.step]
@@ -143,22 +167,27 @@ class Site:
                 model, split.x_train[batch], self._key, limit=self.config.encryption.health_limit
             )
             raise SiteError(f"site {self.site_id}: {exc}; {where}") from exc
-        report = check_tensors(
-            encrypted_parameters(model), self._key, limit=self.config.encryption.health_limit
-        )
+        tensors = {**encrypted_parameters(model), **encrypted_buffers(model)}
+        report = check_tensors(tensors, self._key, limit=self.config.encryption.health_limit)
         if not report.healthy:
             raise SiteError(f"site {self.site_id}: {report.describe()}")
-        arrays_out = {k: v.detach().numpy() for k, v in model.state_dict().items()}
         metrics = {
             "shadow_max": report.shadow_max,
             "data_max": report.data_max,
             "channel_mixing": report.mixing,
         }
-        return LocalUpdate(arrays_out, n, self.fingerprint, metrics)
+        return LocalUpdate(self._arrays(model, opt), n, self.fingerprint, metrics)
+
+    def _arrays(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, np.ndarray]:
+        """The reply: the model's ``state_dict``, and the optimiser state when it is kept."""
+        state = dict(model.state_dict())
+        if self.config.training.keep_optimizer_state:
+            state.update(optimizer_arrays(optimizer, model))
+        return {k: v.detach().numpy() for k, v in state.items()}
 
     def evaluate(self, arrays: Mapping[str, np.ndarray], server_round: int) -> LocalEvaluation:
         """Test metrics of the global model on this site's test split (only metrics leave)."""
-        model = self._model(arrays)
+        model, _ = self._model(arrays)
         loss = loss_of(self.data)
         dtype = dtype_of(self.config)
         if self.config.federation.encrypted:

@@ -11,8 +11,10 @@ after that many messages (an aggregator that dies).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from uuid import uuid4
 
+import numpy as np
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
@@ -21,6 +23,13 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
+
+from aggregator.server_app import main
+from federation import protocol
+from federation.more.keys import generate_key
+
+SIMULATED = [{"partition-id": i, "num-partitions": 3} for i in range(3)]
+"""Node configs of three simulated sites, as Flower's simulation gives them."""
 
 
 class AggregatorCrash(RuntimeError):
@@ -122,3 +131,34 @@ class LocalGrid(Grid):
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))
+
+
+def server_run_config(experiment: Path, output: Path, **overrides: object) -> dict:
+    """A ServerApp run config for ``experiment`` into ``output`` (no baseline, no reference)."""
+    return {
+        protocol.RUN_EXPERIMENT: str(experiment),
+        protocol.RUN_OUTPUT_DIR: str(output),
+        protocol.RUN_BASELINE: False,
+        protocol.RUN_CENTRALISED: False,
+        protocol.RUN_RESUME: True,
+        protocol.RUN_ROUND_TIMEOUT: 60.0,
+        protocol.RUN_JOIN_TIMEOUT: 0.0,
+        **overrides,
+    }
+
+
+def serve(grid: Grid, config: dict) -> None:
+    """Run the real ServerApp's main on ``grid``."""
+    main(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=config))
+
+
+def decrypt_arrays(arrays: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    """The data channel of every ciphertext array under the simulation key ``seed``; arrays
+    that are not ciphertexts (counters, optimiser steps) are returned as they are."""
+    key = generate_key(seed)
+    return {
+        k: np.einsum("ij,...jk,kl->...il", key.inverse, v, key.matrix)[..., 0, 0]
+        if v.shape[-2:] == (2, 2)
+        else v
+        for k, v in arrays.items()
+    }

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from federation.nn import BCEWithLogits, CrossEntropy, EncryptedGraphModule, Huber, to_encrypted
-from federation.nn.check import OPTIMIZERS, Deviation, compare_training
+from federation.nn.check import Deviation, compare_training
+from federation.nn.optim import OPTIMIZERS
 from federation.nn.train import train_plain
 
 

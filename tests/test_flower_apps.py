@@ -14,7 +14,14 @@ from uuid import uuid4
 import numpy as np
 import pytest
 import yaml
-from flower_grid import LocalGrid, over_the_wire
+from flower_grid import (
+    SIMULATED,
+    LocalGrid,
+    decrypt_arrays,
+    over_the_wire,
+    serve,
+    server_run_config,
+)
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -27,7 +34,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
 
-from aggregator.server_app import RunFailed, main
+from aggregator.server_app import RunFailed
 from federation import protocol
 from federation.aggregation import RunStore, expected_shapes, initial_arrays
 from federation.config import load_experiment
@@ -43,7 +50,6 @@ TINY = {
     "encryption": {"key_seed": 1234},
     "output_dir": "runs/default",
 }
-SIMULATED = [{"partition-id": i, "num-partitions": 3} for i in range(3)]
 
 
 @pytest.fixture(scope="module")
@@ -51,27 +57,6 @@ def experiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("experiment") / "wbc-tiny.yaml"
     path.write_text(yaml.safe_dump(TINY), encoding="utf-8")
     return path
-
-
-def _run_config(experiment: Path, output: Path, **overrides: object) -> dict:
-    config = {
-        protocol.RUN_EXPERIMENT: str(experiment),
-        protocol.RUN_OUTPUT_DIR: str(output),
-        protocol.RUN_BASELINE: False,
-        protocol.RUN_CENTRALISED: False,
-        protocol.RUN_RESUME: True,
-        protocol.RUN_ROUND_TIMEOUT: 60.0,
-        protocol.RUN_JOIN_TIMEOUT: 0.0,
-    }
-    config.update(overrides)
-    return config
-
-
-def _serve(grid: LocalGrid, run_config: dict) -> None:
-    main(
-        grid,
-        Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=run_config),
-    )
 
 
 def _message(experiment: Path, kind: str = MessageType.TRAIN, **config: object) -> Message:
@@ -95,16 +80,8 @@ def _context(experiment: Path, node_config: dict) -> Context:
         node_id=7,
         node_config=node_config,
         state=RecordDict(),
-        run_config=_run_config(experiment, experiment.parent),
+        run_config=server_run_config(experiment, experiment.parent),
     )
-
-
-def _decrypt(arrays: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
-    key = generate_key(seed)
-    return {
-        k: np.einsum("ij,...jk,kl->...il", key.inverse, v, key.matrix)[..., 0, 0]
-        for k, v in arrays.items()
-    }
 
 
 # --- the ClientApp ----------------------------------------------------------------------
@@ -181,10 +158,10 @@ def test_a_deployed_site_uses_its_own_key_file(experiment: Path, tmp_path: Path)
 def full_run(experiment: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted run with the plaintext baseline and the centralised reference."""
     out = tmp_path_factory.mktemp("full")
-    run_config = _run_config(
+    run_config = server_run_config(
         experiment, out, **{protocol.RUN_BASELINE: True, protocol.RUN_CENTRALISED: True}
     )
-    _serve(LocalGrid(client_app.app, SIMULATED, run_config), run_config)
+    serve(LocalGrid(client_app.app, SIMULATED, run_config), run_config)
     return out
 
 
@@ -194,7 +171,7 @@ def test_encrypted_fedavg_decrypts_to_plaintext_fedavg_with_the_same_seeds(full_
     assert encrypted is not None and plaintext is not None
     assert encrypted.server_round == plaintext.server_round == 2
     assert encrypted.fingerprint == generate_key(1234).fingerprint and plaintext.fingerprint is None
-    decrypted = _decrypt(encrypted.arrays, 1234)
+    decrypted = decrypt_arrays(encrypted.arrays, 1234)
     for name, value in plaintext.arrays.items():
         np.testing.assert_allclose(decrypted[name], value, rtol=0, atol=1e-12)
     for enc, plain in zip(encrypted.history, plaintext.history, strict=True):
@@ -231,9 +208,9 @@ def test_a_site_raising_mid_round_is_dropped_from_that_round(
         return client_app.train(msg, context)
 
     flaky.evaluate()(client_app.evaluate)
-    run_config = _run_config(experiment, tmp_path)
+    run_config = server_run_config(experiment, tmp_path)
     grid = LocalGrid(flaky, SIMULATED, run_config)
-    _serve(grid, run_config)
+    serve(grid, run_config)
     history = RunStore(tmp_path / "encrypted").load_latest().history
     assert [h["sites"] for h in history] == [3, 2]
     (refused,) = history[1]["refused"]
@@ -253,8 +230,8 @@ def test_a_corrupted_update_is_refused_and_the_round_goes_on(
                 arrays["0.weight"] = Array(np.full(arrays["0.weight"].shape, np.inf))
         return reply
 
-    run_config = _run_config(experiment, tmp_path)
-    _serve(LocalGrid(client_app.app, SIMULATED, run_config, tamper=corrupt), run_config)
+    run_config = server_run_config(experiment, tmp_path)
+    serve(LocalGrid(client_app.app, SIMULATED, run_config, tamper=corrupt), run_config)
     history = RunStore(tmp_path / "encrypted").load_latest().history
     assert [h["sites"] for h in history] == [3, 2]
     assert "'0.weight' holds non-finite values" in history[1]["refused"][0]["reason"]
@@ -263,9 +240,9 @@ def test_a_corrupted_update_is_refused_and_the_round_goes_on(
 def test_a_site_under_another_key_is_refused_every_round(experiment: Path, tmp_path: Path) -> None:
     other = save_key(generate_key(7), tmp_path / "other.key")
     nodes = [dict(SIMULATED[0]), dict(SIMULATED[1]), {**SIMULATED[2], "key-file": str(other)}]
-    run_config = _run_config(experiment, tmp_path / "out")
+    run_config = server_run_config(experiment, tmp_path / "out")
     grid = LocalGrid(client_app.app, nodes, run_config)
-    _serve(grid, run_config)
+    serve(grid, run_config)
     checkpoint = RunStore(tmp_path / "out" / "encrypted").load_latest()
     assert checkpoint.fingerprint == generate_key(1234).fingerprint
     stranger = _node(grid, 2)
@@ -280,9 +257,9 @@ def test_too_few_sites_fail_the_run_and_the_report_says_so(
     experiment: Path, tmp_path: Path
 ) -> None:
     nodes = [SIMULATED[0], {}, {}]  # two SuperNodes that name no site
-    run_config = _run_config(experiment, tmp_path)
+    run_config = server_run_config(experiment, tmp_path)
     with pytest.raises(RunFailed, match="encrypted round 1: 1 valid updates, 2 needed"):
-        _serve(LocalGrid(client_app.app, nodes, run_config), run_config)
+        serve(LocalGrid(client_app.app, nodes, run_config), run_config)
     report = (tmp_path / "report.md").read_text()
     assert "status: **failed at encrypted round 1: 1 valid updates" in report
     # Every refused reply is listed, by node (these never named a site), with its reason.
@@ -295,16 +272,16 @@ def test_too_few_sites_fail_the_run_and_the_report_says_so(
 def test_a_restarted_aggregator_resumes_after_its_last_checkpoint(
     experiment: Path, full_run: Path, tmp_path: Path
 ) -> None:
-    run_config = _run_config(experiment, tmp_path)
+    run_config = server_run_config(experiment, tmp_path)
     # Dies while sending round 2's training messages (3 train + 3 evaluate sent in round 1).
     crashing = LocalGrid(client_app.app, SIMULATED, run_config, crash_after=7)
     with pytest.raises(RunFailed, match="aggregator killed"):
-        _serve(crashing, run_config)
+        serve(crashing, run_config)
     store = RunStore(tmp_path / "encrypted")
     assert store.load_latest().server_round == 1
     round_one = store.load_latest().history[0]
     restarted = LocalGrid(client_app.app, SIMULATED, run_config)
-    _serve(restarted, run_config)
+    serve(restarted, run_config)
     assert restarted.delivered == 6  # only round 2 was run again
     resumed = store.load_latest()
     assert [h["round"] for h in resumed.history] == [1, 2]

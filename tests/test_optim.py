@@ -21,7 +21,8 @@ from federation.nn import (
     to_encrypted,
     to_plain,
 )
-from federation.nn.check import OPTIMIZERS, Deviation
+from federation.nn.check import Deviation
+from federation.nn.optim import OPTIMIZERS
 from federation.refresh import refresher
 
 

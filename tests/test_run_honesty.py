@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from flower_grid import LocalGrid
-from flwr.app import Context, RecordDict
+from flower_grid import SIMULATED, LocalGrid, serve, server_run_config
 
-from aggregator.server_app import RunFailed, main
+from aggregator.server_app import RunFailed
 from federation import protocol
 from federation.aggregation import CheckpointError, RunStore
 from federation.config import (
@@ -38,7 +37,6 @@ TINY = {
     "encryption": {"key_seed": 1234},
     "output_dir": "runs/default",
 }
-SIMULATED = [{"partition-id": i, "num-partitions": 3} for i in range(3)]
 
 
 def _write(directory: Path, data: dict, name: str = "wbc-tiny.yaml") -> Path:
@@ -48,26 +46,8 @@ def _write(directory: Path, data: dict, name: str = "wbc-tiny.yaml") -> Path:
     return path
 
 
-def _run_config(experiment: Path, output: Path, **overrides: object) -> dict:
-    return {
-        protocol.RUN_EXPERIMENT: str(experiment),
-        protocol.RUN_OUTPUT_DIR: str(output),
-        protocol.RUN_BASELINE: False,
-        protocol.RUN_CENTRALISED: False,
-        protocol.RUN_RESUME: True,
-        protocol.RUN_ROUND_TIMEOUT: 60.0,
-        protocol.RUN_JOIN_TIMEOUT: 0.0,
-        **overrides,
-    }
-
-
-def _serve(run_config: dict, nodes: list[dict] = SIMULATED) -> None:
-    grid = LocalGrid(client_app.app, nodes, run_config)
-    main(grid, _context(run_config))
-
-
-def _context(run_config: dict) -> Context:
-    return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=run_config)
+def _serve(config: dict, nodes: list[dict] = SIMULATED) -> None:
+    serve(LocalGrid(client_app.app, nodes, config), config)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +55,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A completed one-round run: (experiment, output dir)."""
     root = tmp_path_factory.mktemp("finished")
     experiment = _write(root, TINY)
-    _serve(_run_config(experiment, root / "out"))
+    _serve(server_run_config(experiment, root / "out"))
     return experiment, root / "out"
 
 
@@ -96,7 +76,7 @@ def test_resuming_under_a_changed_lr_is_refused_naming_the_key(
     changed = _write(tmp_path, {**TINY, "training": {**TINY["training"], "lr": 0.01}})
     before = (out / "encrypted" / "history.json").read_bytes()
     with pytest.raises(RunFailed, match=r"training\.lr \(0\.05 -> 0\.01\).*resume=false"):
-        _serve(_run_config(changed, out))
+        _serve(server_run_config(changed, out))
     # Nothing of the finished run was touched, and no report claims the new settings.
     assert (out / "encrypted" / "history.json").read_bytes() == before
     assert "lr 0.05" in (out / "report.md").read_text()
@@ -109,7 +89,7 @@ def test_resume_false_starts_over_and_the_report_never_mixes_runs(
     fresh = tmp_path / "out"
     subprocess.run(["cp", "-r", str(out), str(fresh)], check=True)
     changed = _write(tmp_path, {**TINY, "training": {**TINY["training"], "lr": 0.01}})
-    _serve(_run_config(changed, fresh, **{protocol.RUN_RESUME: False}))
+    _serve(server_run_config(changed, fresh, **{protocol.RUN_RESUME: False}))
     record = json.loads((fresh / "experiment.json").read_text())
     assert record["fields"]["training.lr"] == 0.01
     assert "lr 0.01" in (fresh / "report.md").read_text()
@@ -135,13 +115,13 @@ def test_a_second_run_on_a_busy_directory_is_refused_naming_the_first(tmp_path: 
             )
         )
         with pytest.raises(RunFailed, match=rf"in use by run 42 of x.yaml \(process {holder.pid}"):
-            _serve(_run_config(experiment, out))
+            _serve(server_run_config(experiment, out))
         assert not (out / "encrypted").exists()  # it wrote nothing
     finally:
         holder.kill()
         holder.wait()
     # Once the holder is gone its lock is stale and a run takes the directory over.
-    _serve(_run_config(experiment, out))
+    _serve(server_run_config(experiment, out))
     assert "status: **completed**" in (out / "report.md").read_text()
 
 
@@ -168,7 +148,7 @@ def test_an_unreadable_checkpoint_stops_the_run_with_its_path(
     with pytest.raises(CheckpointError, match=rf"{checkpoint}: unreadable checkpoint"):
         RunStore(broken / "encrypted").load_latest()
     with pytest.raises(RunFailed, match="unreadable checkpoint.*resume=false"):
-        _serve(_run_config(experiment, broken))
+        _serve(server_run_config(experiment, broken))
     report = (broken / "report.md").read_text()
     assert "status: **failed: " in report and "completed" not in report.split("\n")[2]
     assert json.loads((broken / "status.json").read_text())["status"] == "failed"
@@ -180,7 +160,7 @@ def test_every_refusal_of_a_failed_round_is_in_the_report(tmp_path: Path) -> Non
     experiment = _write(tmp_path, TINY)
     nodes = [{"site-id": i, "key-file": str(tmp_path / "missing.key")} for i in range(3)]
     with pytest.raises(RunFailed, match="encrypted round 1: 0 valid updates, 2 needed"):
-        _serve(_run_config(experiment, tmp_path / "out"), nodes)
+        _serve(server_run_config(experiment, tmp_path / "out"), nodes)
     report = (tmp_path / "out" / "report.md").read_text()
     refused = report.split("## Refused replies")[1].split("##")[0]
     lines = [line for line in refused.splitlines() if line.startswith("- encrypted round 1")]
@@ -195,9 +175,9 @@ def test_a_site_with_another_experiment_refuses_with_one_line(tmp_path: Path) ->
     a = _write(tmp_path / "a", TINY)
     b = _write(tmp_path / "b", {**TINY, "training": {**TINY["training"], "lr": 0.01}})
     assert experiment_digest(load_experiment(a)) != experiment_digest(load_experiment(b))
-    grid = LocalGrid(client_app.app, SIMULATED, _run_config(a, tmp_path / "out"))
+    grid = LocalGrid(client_app.app, SIMULATED, server_run_config(a, tmp_path / "out"))
     with pytest.raises(RunFailed, match="another copy of the app or experiment"):
-        main(grid, _context(_run_config(b, tmp_path / "out")))
+        serve(grid, server_run_config(b, tmp_path / "out"))
 
 
 def test_the_experiment_resolves_from_the_submitted_app_never_the_working_directory(
@@ -233,9 +213,9 @@ def test_a_run_on_fewer_simulated_nodes_than_sites_still_completes(tmp_path: Pat
     class SimulationGrid(LocalGrid, InMemoryGrid):  # the type the ServerApp checks
         pass
 
-    run_config = _run_config(experiment, tmp_path / "out")
+    run_config = server_run_config(experiment, tmp_path / "out")
     grid = SimulationGrid(client_app.app, nodes, run_config)
-    main(grid, _context(run_config))
+    serve(grid, run_config)
     history = json.loads((tmp_path / "out" / "encrypted" / "history.json").read_text())
     assert history[0]["sites"] == 2
     assert "2 sites" in (tmp_path / "out" / "report.md").read_text()
@@ -277,7 +257,7 @@ def test_a_lost_site_is_named_by_site_in_the_log_and_the_report(tmp_path: Path) 
     """Site 2 dies after round 1: round 2 goes on with the others, and the history and the
     report name site 2 (not a node id) as missing."""
     experiment = _write(tmp_path, {**TINY, "training": {**TINY["training"], "rounds": 2}})
-    run_config = _run_config(experiment, tmp_path / "out")
+    run_config = server_run_config(experiment, tmp_path / "out")
     dead: set[int] = set()
     replies: dict[int, int] = {}
 
@@ -292,7 +272,7 @@ def test_a_lost_site_is_named_by_site_in_the_log_and_the_report(tmp_path: Path) 
             return [n for n in self.contexts if n not in dead]
 
     grid = Grid(client_app.app, SIMULATED, run_config, tamper=die_after_round_one)
-    main(grid, _context(run_config))
+    serve(grid, run_config)
     history = json.loads((tmp_path / "out" / "encrypted" / "history.json").read_text())
     assert [h["missing"] for h in history] == [[], [2]] and history[1]["sites"] == 2
     assert "encrypted round 2: site 2 did not reply" in (tmp_path / "out" / "report.md").read_text()

@@ -28,19 +28,12 @@ from federation.nn.convert import (
     to_plain,
 )
 from federation.nn.losses import LossSpec, get_loss
-from federation.nn.optim import EncryptedAdam, EncryptedAdamW, EncryptedOptimizer, EncryptedSGD
+from federation.nn.optim import OPTIMIZERS
 from federation.nn.train import predict_encrypted, train_encrypted, train_plain
 
 # Acceptance bounds of the central property (design note, section 4).
 FLOAT64_ABS_TOL = 1e-9
 FLOAT32_REL_TOL = 1e-4
-
-OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], type[EncryptedOptimizer]]] = {
-    "sgd": (torch.optim.SGD, EncryptedSGD),
-    "adam": (torch.optim.Adam, EncryptedAdam),
-    "adamw": (torch.optim.AdamW, EncryptedAdamW),
-}
-"""Optimiser name -> (torch's optimiser, its encrypted twin); both take torch's keywords."""
 
 
 @dataclass(frozen=True)

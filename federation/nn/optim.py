@@ -13,7 +13,7 @@ a site's refresh. Nothing here takes a key.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -80,6 +80,11 @@ class EncryptedOptimizer(torch.optim.Optimizer):
         """The encrypted state, under the name the trainer's refresh hook uses."""
         return self.encrypted_state()
 
+    def fresh_state(self, p: nn.Parameter, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The state ``p`` would have before its first step, as zeros (key-free ciphertexts
+        of 0), so that a federation can send it like any other state."""
+        raise NotImplementedError
+
 
 def _check(lr: float, weight_decay: float) -> None:
     if lr <= 0 or weight_decay < 0:
@@ -120,6 +125,11 @@ class EncryptedSGD(EncryptedOptimizer):
             maximize=maximize,
         )
         super().__init__(model, params, defaults)
+
+    def fresh_state(self, p: nn.Parameter, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if not group["momentum"]:
+            return {}
+        return {"momentum_buffer": torch.zeros_like(self._blocks(p, p))}
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:  # type: ignore[override]
@@ -188,16 +198,21 @@ class EncryptedAdam(EncryptedOptimizer):
         )
         super().__init__(model, params, defaults)
 
-    def _init_state(self, p: nn.Parameter, amsgrad: bool) -> dict[str, Any]:
+    def fresh_state(self, p: nn.Parameter, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        zeros = torch.zeros(self._blocks(p, p).shape, dtype=torch.float64, device=p.device)
+        state = {
+            "step": torch.tensor(0.0, dtype=torch.float64),
+            "exp_avg": zeros.clone(),
+            "exp_avg_sq": zeros.clone(),
+        }
+        if group["amsgrad"]:
+            state["max_exp_avg_sq"] = zeros
+        return state
+
+    def _init_state(self, p: nn.Parameter, group: dict[str, Any]) -> dict[str, Any]:
         state = self.state[p]
         if not state:
-            shape = self._blocks(p, p).shape
-            zeros = torch.zeros(shape, dtype=torch.float64, device=p.device)
-            state["step"] = torch.tensor(0.0, dtype=torch.float64)
-            state["exp_avg"] = zeros.clone()
-            state["exp_avg_sq"] = zeros.clone()
-            if amsgrad:
-                state["max_exp_avg_sq"] = zeros
+            state.update(self.fresh_state(p, group))
         for k in self.state_keys:  # load_state_dict casts the state to the parameters' dtype
             if k in state and state[k].dtype != torch.float64:
                 state[k] = state[k].double()
@@ -210,7 +225,7 @@ class EncryptedAdam(EncryptedOptimizer):
             lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
             beta1, beta2 = group["betas"]
             for p, g in self._pairs(group, fp):
-                state = self._init_state(p, group["amsgrad"])
+                state = self._init_state(p, group)
                 state["step"] += 1
                 step = float(state["step"])
                 param = self._param(p, fp)
@@ -260,3 +275,82 @@ class EncryptedAdamW(EncryptedAdam):
             decoupled=True,
             params=params,
         )
+
+
+OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], type[EncryptedOptimizer]]] = {
+    "sgd": (torch.optim.SGD, EncryptedSGD),
+    "adam": (torch.optim.Adam, EncryptedAdam),
+    "adamw": (torch.optim.AdamW, EncryptedAdamW),
+}
+"""Optimiser name -> (torch's optimiser, its encrypted twin); both take torch's keywords."""
+
+STATE_PREFIX = "optimizer/"
+"""Prefix of the optimiser-state arrays that travel beside a model's ``state_dict``."""
+
+
+def _named(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, tuple[Any, Any]]:
+    """``name -> (parameter, its group)`` for every optimised parameter of ``model``."""
+    names = {p: n for n, p in model.named_parameters()}
+    return {names[p]: (p, g) for g in optimizer.param_groups for p in g["params"]}
+
+
+def _fresh(optimizer: torch.optim.Optimizer, p: nn.Parameter, group: dict[str, Any]) -> dict:
+    if isinstance(optimizer, EncryptedOptimizer):
+        return optimizer.fresh_state(p, group)
+    if isinstance(optimizer, torch.optim.SGD):
+        return {"momentum_buffer": torch.zeros_like(p)} if group["momentum"] else {}
+    if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        state = {
+            "step": torch.tensor(0.0, dtype=torch.float64),
+            "exp_avg": torch.zeros_like(p),
+            "exp_avg_sq": torch.zeros_like(p),
+        }
+        if group["amsgrad"]:
+            state["max_exp_avg_sq"] = torch.zeros_like(p)
+        return state
+    raise TypeError(f"no state layout known for {type(optimizer).__name__}")
+
+
+def optimizer_arrays(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The optimiser's per-parameter state as named tensors (``optimizer/<param>/<key>``).
+
+    Parameters without state yet get the state before their first step (zeros and step 0,
+    which both torch's and the encrypted optimisers continue from exactly as from nothing),
+    so the names and shapes do not depend on how far training got.
+    """
+    out = {}
+    for name, (p, group) in _named(optimizer, model).items():
+        state = optimizer.state.get(p) or _fresh(optimizer, p, group)
+        for key, value in state.items():
+            out[f"{STATE_PREFIX}{name}/{key}"] = value.detach().clone()
+    return out
+
+
+def load_optimizer_arrays(
+    optimizer: torch.optim.Optimizer, model: nn.Module, arrays: dict[str, torch.Tensor]
+) -> None:
+    """Set the optimiser's state from :func:`optimizer_arrays`' names (all of them needed)."""
+    for name, (p, group) in _named(optimizer, model).items():
+        fresh = _fresh(optimizer, p, group)
+        state = {}
+        for key, like in fresh.items():
+            full = f"{STATE_PREFIX}{name}/{key}"
+            if full not in arrays:
+                raise KeyError(f"optimiser state '{full}' is missing")
+            value = torch.as_tensor(arrays[full])
+            if value.shape != like.shape:
+                raise ValueError(
+                    f"optimiser state '{full}' has shape {tuple(value.shape)}, "
+                    f"expected {tuple(like.shape)}"
+                )
+            state[key] = value.to(like.dtype).clone()
+        optimizer.state[p] = state
+
+
+def split_arrays(
+    arrays: Mapping[str, Any],
+) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+    """A received model's ``state_dict`` arrays and its optimiser state (``None`` if absent)."""
+    model = {k: v for k, v in arrays.items() if not k.startswith(STATE_PREFIX)}
+    state = {k: torch.as_tensor(v) for k, v in arrays.items() if k.startswith(STATE_PREFIX)}
+    return model, state or None
