@@ -48,9 +48,7 @@ from federation.rundir import RunDirError, RunLock, check_resume
 from federation.runtime import check_app_environment
 
 APP_DIR = Path(__file__).resolve().parents[1]
-"""The app's root: the project checkout, or the copy Flower installed from the FAB."""
-
-app = ServerApp()
+"""more-fl's own app root: the project checkout, or the copy Flower installed from the FAB."""
 
 
 @dataclass(frozen=True)
@@ -66,20 +64,21 @@ class RunSettings:
     join_timeout: float
 
     @classmethod
-    def from_run_config(cls, run_config: dict) -> RunSettings:
-        output = str(run_config.get(protocol.RUN_OUTPUT_DIR, ""))
+    def from_run_config(cls, run_config: dict, app_dir: Path = APP_DIR) -> RunSettings:
+        run = {**protocol.RUN_DEFAULTS, **run_config}
+        output = str(run[protocol.RUN_OUTPUT_DIR])
         return cls(
             experiment=find_experiment(
-                str(run_config[protocol.RUN_EXPERIMENT]),
-                project_dir=str(run_config.get(protocol.RUN_PROJECT_DIR, "")),
-                app_dir=APP_DIR,
+                str(run[protocol.RUN_EXPERIMENT]),
+                project_dir=str(run[protocol.RUN_PROJECT_DIR]),
+                app_dir=app_dir,
             ),
             output_dir=Path(output).expanduser().resolve() if output else None,
-            baseline=bool(run_config.get(protocol.RUN_BASELINE, True)),
-            centralised=bool(run_config.get(protocol.RUN_CENTRALISED, True)),
-            resume=bool(run_config.get(protocol.RUN_RESUME, True)),
-            round_timeout=float(run_config.get(protocol.RUN_ROUND_TIMEOUT, 3600.0)),
-            join_timeout=float(run_config.get(protocol.RUN_JOIN_TIMEOUT, 30.0)),
+            baseline=bool(run[protocol.RUN_BASELINE]),
+            centralised=bool(run[protocol.RUN_CENTRALISED]),
+            resume=bool(run[protocol.RUN_RESUME]),
+            round_timeout=float(run[protocol.RUN_ROUND_TIMEOUT]),
+            join_timeout=float(run[protocol.RUN_JOIN_TIMEOUT]),
         )
 
 
@@ -149,12 +148,11 @@ def _failure(exc: Exception) -> Failure:
     return Failure(str(exc) or type(exc).__name__)
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
+def main(grid: Grid, context: Context, app_dir: Path = APP_DIR) -> None:
     """Run the experiment's federated rounds, then write the report (also on failure)."""
     try:
         check_app_environment()
-        settings = RunSettings.from_run_config(context.run_config)
+        settings = RunSettings.from_run_config(context.run_config, app_dir)
         declared = load_experiment(settings.experiment)
         digest = experiment_digest(declared)
         count = site_count(grid, declared)
@@ -205,3 +203,18 @@ def main(grid: Grid, context: Context) -> None:
     if failure is not None:
         log(ERROR, "run failed: %s", failure.describe())
         raise RunFailed(failure.describe()) from None
+
+
+def create_app(app_dir: Path) -> ServerApp:
+    """The aggregator of the Flower app rooted at ``app_dir`` (where its experiment files
+    are): more-fl's own app below, or a study made with ``more-fl new``."""
+    server = ServerApp()
+
+    @server.main()
+    def _main(grid: Grid, context: Context) -> None:
+        main(grid, context, app_dir)
+
+    return server
+
+
+app = create_app(APP_DIR)

@@ -113,7 +113,7 @@ def fedavg(updates: list[tuple[Mapping[str, np.ndarray], int]]) -> dict[str, np.
 def cast_average(average: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """An average in an array's own dtype: integers (counters) are rounded, not truncated."""
     if np.issubdtype(dtype, np.integer):
-        average = np.rint(average)
+        average = np.asarray(np.rint(average))  # np.rint gives a scalar for a 0-d array
     return average.astype(dtype)
 
 

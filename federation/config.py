@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 TASKS = ("mnist", "wbc", "angio")
+"""The built-in tasks (``federation.tasks.BUILTIN_TASKS``); ``task.module`` names any other."""
 PARTITIONS = ("iid", "non-iid")
 DTYPES = ("float32", "float64")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -194,6 +195,35 @@ def _only_for(r: _Reader, chosen: str, keys: Mapping[str, tuple[str, ...]]) -> N
             )
 
 
+def _module(r: _Reader, name: str, base: Path) -> Path | str | None:
+    """A ``.py`` file (must exist; relative to the config) or a dotted module name."""
+    v = r.string(name, None)
+    if v is None:
+        return None
+    if v.endswith(".py"):
+        path = Path(os.path.expanduser(v))
+        path = path if path.is_absolute() else base / path
+        if not path.is_file():
+            raise r.fail(name, "a Python file that exists (relative to the config's folder)", v)
+        return path
+    if not all(part.isidentifier() for part in v.split(".")):
+        raise r.fail(name, "a .py file or an importable module name like 'my_study.task'", v)
+    return v
+
+
+def _factory(r: _Reader, base: Path) -> ModelFactory | None:
+    """``"module:function"`` with the module as in :func:`_module`."""
+    v = r.string("factory", None)
+    if v is None:
+        return None
+    module, sep, function = v.rpartition(":")
+    if not sep or not module or not function.isidentifier():
+        raise r.fail("factory", "'module:function', e.g. 'models.py:build_model'", v)
+    resolved = _module(_Reader(r.source, r.prefix, {"factory": module}), "factory", base)
+    assert resolved is not None
+    return ModelFactory(resolved, function)
+
+
 def _location(r: _Reader, name: str, base: Path, default: Any = ...) -> Path:
     """A path that may be defaulted but not nulled."""
     v = r.path(name, base, default)
@@ -204,17 +234,36 @@ def _location(r: _Reader, name: str, base: Path, default: Any = ...) -> Path:
 
 @dataclass(frozen=True)
 class TaskConfig:
-    """Which task, with keyword options for its ``load_task_data``."""
+    """Which task, with keyword options for its ``load_task_data``. ``module``: a study's
+    own task module (a ``.py`` file, resolved against the config's folder, or an importable
+    dotted name) following the task protocol of :mod:`federation.tasks`."""
 
     name: str
     options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     data_dir: Path | None = None
+    module: Path | str | None = None
+
+
+@dataclass(frozen=True)
+class ModelFactory:
+    """``model.factory: "module:function"``: a study's function that builds its model."""
+
+    module: Path | str
+    function: str
+
+    @property
+    def reference(self) -> str:
+        return f"{self.module}:{self.function}"
 
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """``arch`` (the task's ``build_model``) or ``factory`` (a study's function), each
+    called with ``options`` as keyword arguments."""
+
     arch: str
     options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    factory: ModelFactory | None = None
 
 
 @dataclass(frozen=True)
@@ -317,16 +366,23 @@ def experiment_from_dict(
     name = _text(top, "name")
 
     t = top.child("task")
+    module = _module(t, "module", base)
+    if module is None:
+        task_name = t.choice("name", TASKS, ...)
+    else:
+        stem = module.stem if isinstance(module, Path) else module.rpartition(".")[2]
+        task_name = _text(t, "name", stem)
     task = TaskConfig(
-        name=t.choice("name", TASKS, ...),
+        name=task_name,
         options=t.mapping("options"),
         data_dir=t.path("data_dir", base),
+        module=module,
     )
     t.done()
 
     m = top.child("model")
     arch = _text(m, "arch", "cnn" if task.name == "angio" else "mlp")
-    model = ModelConfig(arch=arch, options=m.mapping("options"))
+    model = ModelConfig(arch=arch, options=m.mapping("options"), factory=_factory(m, base))
     m.done()
 
     s = top.child("sites")
@@ -590,11 +646,15 @@ def find_experiment(reference: str, *, project_dir: str, app_dir: Path) -> Path:
 def check_site_count(config: ExperimentConfig, count: int, where: str) -> None:
     """Refuse a site count the task's data cannot give every site a train and a test
     example (so 1,000 sites on 800 test rows fail here, once, not in round 1 at each site)."""
-    from federation.tasks import get_task  # the task modules import torch: only when needed
+    from federation.tasks import task_module  # task modules import torch: only when needed
 
     options = {**config.task.options, "data_dir": config.task.data_dir}
+    module = None if config.task.module is None else str(config.task.module)
+    split_sizes = getattr(task_module(config.task.name, module), "split_sizes", None)
+    if split_sizes is None:
+        return
     try:
-        sizes = get_task(config.task.name).split_sizes(options)
+        sizes = split_sizes(options)
     except (TypeError, ValueError):  # a malformed option: the task's loader names it
         return
     if sizes is not None and count > min(sizes):

@@ -7,10 +7,12 @@ point builds the same seeded model and the same data split.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -31,8 +33,8 @@ from federation.nn.convert import encrypted_parameters, to_encrypted, to_plain
 from federation.nn.optim import OPTIMIZERS, EncryptedOptimizer, load_optimizer_arrays
 from federation.nn.train import predict_encrypted, train_encrypted, train_plain
 from federation.refresh import refresh_in_place, refresher
-from federation.tasks import get_task
-from federation.tasks.base import TaskData
+from federation.tasks import model_factory, task_module
+from federation.tasks.base import TaskData, default_site_partition
 
 
 def dtype_of(config: ExperimentConfig) -> torch.dtype:
@@ -43,21 +45,32 @@ def loss_of(data: TaskData) -> str:
     return "cross_entropy" if data.kind == "classification" else "mse"
 
 
+def task_of(config: ExperimentConfig) -> ModuleType:
+    """The experiment's task module (built-in, or the study's own ``task.module``)."""
+    module = config.task.module
+    return task_module(config.task.name, None if module is None else str(module))
+
+
 @functools.lru_cache(maxsize=4)
 def _load(
-    name: str, options: tuple[tuple[str, object], ...], data_dir: str | None, seed: int
+    name: str,
+    module: str | None,
+    options: tuple[tuple[str, object], ...],
+    data_dir: str | None,
+    seed: int,
 ) -> TaskData:
     kwargs = dict(options)
     if data_dir is not None:
         kwargs["data_dir"] = data_dir
-    return get_task(name).load_task_data(seed=seed, **kwargs)
+    return task_module(name, module).load_task_data(seed=seed, **kwargs)
 
 
 def load_data(config: ExperimentConfig) -> TaskData:
     """The whole task data (cached per process: simulated sites share one copy)."""
     options = tuple(sorted((k, _hashable(v)) for k, v in thaw(config.task.options).items()))
     data_dir = None if config.task.data_dir is None else str(config.task.data_dir)
-    return _load(config.task.name, options, data_dir, config.training.seed)
+    module = None if config.task.module is None else str(config.task.module)
+    return _load(config.task.name, module, options, data_dir, config.training.seed)
 
 
 def _hashable(value: object) -> object:
@@ -71,7 +84,8 @@ def site_data(config: ExperimentConfig, site_id: int) -> TaskData:
     data = load_data(config)
     if config.sites.count == 1:
         return data
-    parts = get_task(config.task.name).site_partition(
+    partition = getattr(task_of(config), "site_partition", default_site_partition)
+    parts = partition(
         data,
         num_sites=config.sites.count,
         scheme=config.sites.partition,
@@ -84,8 +98,30 @@ def site_data(config: ExperimentConfig, site_id: int) -> TaskData:
 def initial_model(config: ExperimentConfig) -> nn.Module:
     """The seeded initial plain model: identical in every process that builds it."""
     torch.manual_seed(config.training.seed)
-    model = get_task(config.task.name).build_model(config.model.arch, **thaw(config.model.options))
+    task = task_of(config)
+    options = thaw(config.model.options)
+    model_io = getattr(task, "model_io", None)
+    io = dict(model_io(thaw(config.task.options))) if model_io is not None else {}
+    if config.model.factory is not None:
+        factory = model_factory(config.model.factory.reference)
+        model = factory(**_accepted(factory, io), **options)
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"model factory {config.model.factory.reference} returned "
+                f"{type(model).__name__}, not a torch.nn.Module"
+            )
+    else:
+        model = task.build_model(config.model.arch, **io, **options)
     return model.to(dtype_of(config))
+
+
+def _accepted(function: Callable[..., object], io: dict[str, object]) -> dict[str, object]:
+    """The task's model inputs (``in_features``, ``num_outputs``, ...) that ``function``
+    takes: a study's factory may ignore them and hard-code its own sizes."""
+    parameters = inspect.signature(function).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return io
+    return {k: v for k, v in io.items() if k in parameters}
 
 
 def target_policy(config: ExperimentConfig, data: TaskData) -> ShadowPolicy:
@@ -125,7 +161,7 @@ def federation_key(config: ExperimentConfig, *, deployed: bool = False) -> MoreK
         return load_key(config.encryption.key_file)
     if deployed:
         raise SimulationKeyError(f"this site has no key file: {KEY_HOWTO}")
-    private = getattr(get_task(config.task.name), "PRIVATE_DATA_DIR", False)
+    private = getattr(task_of(config), "PRIVATE_DATA_DIR", False)
     if config.task.data_dir is not None and private:
         _warn_simulation_key(str(config.task.data_dir))
     return generate_key(config.encryption.key_seed)

@@ -70,3 +70,16 @@ RUN_CENTRALISED = "centralised"
 RUN_RESUME = "resume"
 RUN_ROUND_TIMEOUT = "round-timeout"
 RUN_JOIN_TIMEOUT = "join-timeout"
+
+RUN_DEFAULTS: dict[str, str | bool | float] = {
+    RUN_PROJECT_DIR: "",
+    RUN_OUTPUT_DIR: "",
+    RUN_BASELINE: True,
+    RUN_CENTRALISED: True,
+    RUN_RESUME: True,
+    RUN_ROUND_TIMEOUT: 3600.0,
+    RUN_JOIN_TIMEOUT: 30.0,
+}
+"""Every run-config key but the experiment, with its default: what an app's
+``[tool.flwr.app.config]`` declares (a test holds more-fl's pyproject to it, and
+``more-fl new`` writes it into a study's)."""

@@ -54,9 +54,7 @@ from federation.secagg import check_quantisable
 from federation.site import Site, SiteError
 
 APP_DIR = Path(__file__).resolve().parents[1]
-"""The app's root: the project checkout, or the copy Flower installed from the FAB."""
-
-app = ClientApp()
+"""more-fl's own app root: the project checkout, or the copy Flower installed from the FAB."""
 
 _SITES: dict[tuple[str, int, str, str, str], Site] = {}
 
@@ -66,13 +64,13 @@ def _experiment(path: Path) -> ExperimentConfig:
     return load_experiment(path)
 
 
-def _experiment_path(run_config: dict) -> Path:
+def _experiment_path(run_config: dict, app_dir: Path) -> Path:
     """The run's experiment file: absolute, or in the run config's ``project-dir``, or in
     the app as Flower installed it (never the process's working directory)."""
     return find_experiment(
         str(run_config[protocol.RUN_EXPERIMENT]),
         project_dir=str(run_config.get(protocol.RUN_PROJECT_DIR, "")),
-        app_dir=APP_DIR,
+        app_dir=app_dir,
     )
 
 
@@ -85,8 +83,7 @@ def site_identity(node_config: dict, num_sites: int) -> tuple[int, bool]:
         partitions = int(node_config.get(protocol.NODE_NUM_PARTITIONS, num_sites))
         if partitions != num_sites:
             raise SiteError(
-                f"the simulation has {partitions} nodes but the aggregator runs {num_sites} "
-                "sites"
+                f"the simulation has {partitions} nodes but the aggregator runs {num_sites} sites"
             )
         site_id, simulated = int(node_config[protocol.NODE_PARTITION_ID]), True
     else:
@@ -113,9 +110,9 @@ def site_config(config: ExperimentConfig, node_config: dict, mode: str) -> Exper
     return replace(config, task=task, encryption=encryption, federation=federation)
 
 
-def _site(msg: Message, context: Context) -> tuple[Site, int]:
+def _site(msg: Message, context: Context, app_dir: Path) -> tuple[Site, int]:
     """The cached Site this message is for, and the server round."""
-    path = _experiment_path(context.run_config)
+    path = _experiment_path(context.run_config, app_dir)
     config = _experiment(path)
     settings = msg.content[protocol.CONFIG]
     expected = settings.get(protocol.EXPERIMENT_DIGEST)
@@ -241,11 +238,10 @@ def secure_aggregation(msg: Message, context: Context, call_next: ClientAppCalla
     return secaggplus_mod(msg, context, masked_train)
 
 
-@app.train(mods=[secure_aggregation])
-def train(msg: Message, context: Context) -> Message:
+def train(msg: Message, context: Context, app_dir: Path = APP_DIR) -> Message:
     """Local training on the site's encrypted data; replies with the encrypted update."""
     try:
-        site, server_round = _site(msg, context)
+        site, server_round = _site(msg, context, app_dir)
         if site.config.federation.secure_aggregation.enabled and not _secure_round(msg):
             raise SiteError(
                 f"site {site.site_id} refuses to send an unmasked update: experiment "
@@ -264,11 +260,10 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
+def evaluate(msg: Message, context: Context, app_dir: Path = APP_DIR) -> Message:
     """Test metrics of the global model on the site's test split (only metrics leave)."""
     try:
-        site, server_round = _site(msg, context)
+        site, server_round = _site(msg, context, app_dir)
         result = site.evaluate(_arrays(msg), server_round)
     except Exception as exc:  # same contract as train
         return _error_reply(msg, context, exc)
@@ -279,3 +274,22 @@ def evaluate(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content, reply_to=msg)
+
+
+def create_app(app_dir: Path) -> ClientApp:
+    """The site agent of the Flower app rooted at ``app_dir`` (where its experiment files
+    are): more-fl's own app below, or a study made with ``more-fl new``."""
+    client = ClientApp()
+
+    @client.train(mods=[secure_aggregation])
+    def _train(msg: Message, context: Context) -> Message:
+        return train(msg, context, app_dir)
+
+    @client.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        return evaluate(msg, context, app_dir)
+
+    return client
+
+
+app = create_app(APP_DIR)

@@ -105,3 +105,26 @@ def test_run_store_round_trips_and_writes_atomically(tmp_path) -> None:
     (tmp_path / "run" / "checkpoint.npz").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="unreadable checkpoint"):
         store.load_latest()
+
+
+def test_fedavg_rounds_integer_counters_and_keeps_every_array_an_array() -> None:
+    """batch norm's ``num_batches_tracked`` (a 0-d int64) averages to the nearest integer."""
+    updates = [
+        ({"count": np.array(10, dtype=np.int64), "w": np.array([1.0, 2.0])}, 1),
+        ({"count": np.array(13, dtype=np.int64), "w": np.array([3.0, 4.0])}, 2),
+    ]
+    avg = fedavg(updates)
+    assert isinstance(avg["count"], np.ndarray) and avg["count"].dtype == np.int64
+    assert int(avg["count"]) == 12  # (10 + 2 * 13) / 3 = 12.0
+    np.testing.assert_allclose(avg["w"], [7 / 3, 10 / 3])
+    arrays = {"count": np.array(1.5), "w": np.zeros(2)}
+    with pytest.raises(InvalidUpdate, match="'count' has dtype float64, expected an integer"):
+        validate_update(
+            arrays,
+            5,
+            None,
+            expected={"count": (), "w": (2,)},
+            federation_fingerprint=None,
+            encrypted=False,
+            counters={"count"},
+        )

@@ -158,3 +158,27 @@ def partition_sites(
                 info[key] = value[test_idx]
         sites.append(replace(data.subset(train_idx, test_idx), info=info))
     return sites
+
+
+def default_site_partition(
+    data: TaskData, *, num_sites: int, scheme: str, seed: int, alpha: float = 0.5
+) -> list[TaskData]:
+    """The site split of a task that defines none: ``non-iid`` is label skew by
+    Dirichlet(``alpha``) for classification and contiguous bands of the first target for
+    regression (each site a different range of patients)."""
+
+    def non_iid(train_seed: int) -> list[np.ndarray]:
+        y = data.y_train.numpy()
+        if data.kind == "classification":
+            return dirichlet_partition(y, num_sites, alpha, train_seed)
+        values = y.reshape(len(y), -1)[:, 0]
+        if num_sites > len(values):
+            raise ValueError(f"cannot split {len(values)} examples across {num_sites} sites")
+        tie_break = np.random.default_rng(train_seed).random(len(values))
+        order = np.lexsort((tie_break, values))
+        return [np.sort(part) for part in np.array_split(order, num_sites)]
+
+    alpha_used = alpha if data.kind == "classification" else None
+    return partition_sites(
+        data, num_sites=num_sites, scheme=scheme, seed=seed, non_iid=non_iid, alpha=alpha_used
+    )

@@ -1,0 +1,148 @@
+"""A study's own task module and model factory, outside the package, run like built-ins."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tomllib
+import yaml
+from flower_grid import SIMULATED, LocalGrid, decrypt_arrays, serve, server_run_config
+
+from federation import protocol
+from federation.aggregation import RunStore
+from federation.config import ConfigError, experiment_fields, load_experiment
+from federation.experiment import initial_model, site_data
+from federation.tasks import TaskLoadError
+from sites import client_app
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TASK = '''
+"""A study's task: two noisy clusters of patients (stands in for a hospital export)."""
+import numpy as np
+import torch
+from federation.tasks.base import TaskData
+
+
+def load_task_data(*, seed, n=240, features=4, data_dir=None):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    x = rng.normal(size=(n, features)) + y[:, None] * 1.5
+    x = (x - x.mean(0)) / x.std(0)
+    cut = int(0.75 * n)
+    t = lambda a, dt: torch.as_tensor(a, dtype=dt)
+    return TaskData(
+        name="clusters", kind="classification",
+        x_train=t(x[:cut], torch.float64), y_train=t(y[:cut], torch.int64),
+        x_test=t(x[cut:], torch.float64), y_test=t(y[cut:], torch.int64),
+        feature_range=(float(x.min()), float(x.max())), num_classes=2,
+    )
+'''
+
+MODELS = """
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.fc, self.bn = nn.Linear(width, width), nn.BatchNorm1d(width)
+
+    def forward(self, x):
+        return torch.relu(x + self.bn(self.fc(x)))
+
+
+class Net(nn.Module):
+    def __init__(self, hidden):
+        super().__init__()
+        self.inp, self.block, self.out = nn.Linear(4, hidden), Block(hidden), nn.Linear(hidden, 2)
+
+    def forward(self, x):
+        return self.out(self.block(torch.relu(self.inp(x))))
+
+
+def build(hidden=8):
+    return Net(hidden)
+
+
+def not_a_model():
+    return "a string"
+"""
+
+
+def _study(directory: Path, **experiment: object) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "clusters.py").write_text(TASK, encoding="utf-8")
+    (directory / "models.py").write_text(MODELS, encoding="utf-8")
+    data = {
+        "name": "clusters",
+        "task": {"module": "clusters.py", "options": {"n": 240}},
+        "model": {"factory": "models.py:build", "options": {"hidden": 6}},
+        "sites": {"count": 3},
+        "training": {"rounds": 2, "batch_size": 16, "lr": 0.05, "dtype": "float64"},
+        "encryption": {"key_seed": 1234},
+        "output_dir": "out",
+        **experiment,
+    }
+    path = directory / "experiment.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def test_a_study_module_and_factory_load_with_paths_relative_to_the_config(
+    tmp_path: Path,
+) -> None:
+    config = load_experiment(_study(tmp_path / "study"))
+    assert config.task.name == "clusters"  # the module's name unless the YAML names it
+    fields = experiment_fields(config)
+    assert fields["task.module"] == "clusters.py"  # hosts that copied the study agree
+    assert fields["model.factory.module"] == "models.py"
+    model = initial_model(config)
+    assert type(model).__name__ == "Net" and model.block.fc.in_features == 6
+    shares = [len(site_data(config, i).x_train) for i in range(3)]
+    assert sum(shares) == 180 and min(shares) > 0  # the default partition
+
+
+def test_a_study_trains_encrypted_in_a_federation_equal_to_plaintext(tmp_path: Path) -> None:
+    experiment = _study(tmp_path / "study")
+    config = server_run_config(experiment, tmp_path / "out", **{protocol.RUN_BASELINE: True})
+    serve(LocalGrid(client_app.app, SIMULATED, config), config)
+    encrypted = RunStore(tmp_path / "out" / protocol.MODE_ENCRYPTED).load_latest()
+    plaintext = RunStore(tmp_path / "out" / protocol.MODE_PLAINTEXT).load_latest()
+    assert encrypted is not None and plaintext is not None and encrypted.server_round == 2
+    assert "block.bn.running_var" in plaintext.arrays  # batch norm's statistics are averaged
+    assert plaintext.arrays["block.bn.num_batches_tracked"].dtype == np.int64
+    decrypted = decrypt_arrays(encrypted.arrays, 1234)
+    for name, value in plaintext.arrays.items():
+        np.testing.assert_allclose(decrypted[name], value, rtol=0, atol=1e-9, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "message"),
+    [
+        ({"task": {"module": "missing.py"}}, ConfigError, "'task.module' must be a Python file"),
+        ({"task": {"module": "not a name"}}, ConfigError, "importable module name"),
+        ({"model": {"factory": "models.py"}}, ConfigError, "'model.factory' must be 'module:"),
+        ({"model": {"factory": "nope.py:build"}}, ConfigError, "'model.factory' must be a"),
+        ({"model": {"factory": "models.py:absent"}}, TaskLoadError, "has no function 'absent'"),
+        ({"model": {"factory": "models.py:not_a_model"}}, TypeError, "not a torch.nn.Module"),
+        ({"task": {"module": "models.py"}}, TaskLoadError, "lacks load_task_data"),
+    ],
+)
+def test_a_bad_study_reference_is_refused_naming_it(
+    tmp_path: Path, change: dict, error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        config = load_experiment(_study(tmp_path / "study", **change))
+        initial_model(config)
+        site_data(config, 0)
+
+
+def test_the_apps_run_config_declares_every_key_with_the_protocols_defaults() -> None:
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    config = dict(declared["config"])
+    assert config.pop(protocol.RUN_EXPERIMENT) == "configs/wbc.yaml"
+    assert config == protocol.RUN_DEFAULTS
