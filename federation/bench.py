@@ -42,8 +42,32 @@ class BenchRow:
         return self.encrypted_mib / self.plain_mib
 
 
+class ResidualNet(nn.Module):
+    """A small residual network (traced into an encrypted graph): a strided conv stem, one
+    basic block whose output is added to its input (the skip connection), a pooled head."""
+
+    def __init__(self, channels: int = 8, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, channels, 3, stride=2, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(channels)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn0(self.stem(x)))
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = self.bn2(self.conv2(h))
+        x = F.relu(x + h)
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
 def bench_models() -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]]:
-    """The MNIST-size MLP (784-128-10) and a small CNN, with their input shapes."""
+    """The MNIST-size MLP (784-128-10), a small CNN, a ReLU/BatchNorm/MaxPool CNN and a
+    small residual network, with their input shapes (10 classes each)."""
     return {
         "mlp 784-128-10": (
             lambda: nn.Sequential(
@@ -61,6 +85,22 @@ def bench_models() -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]]
             ),
             (1, 28, 28),
         ),
+        "cnn-bn-maxpool 1x28x28": (
+            lambda: nn.Sequential(
+                nn.Conv2d(1, 8, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(8),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Conv2d(8, 16, 3, padding=1, bias=False),
+                nn.BatchNorm2d(16),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Flatten(),
+                nn.Linear(16 * 3 * 3, 10),
+            ),
+            (1, 28, 28),
+        ),
+        "resnet 1x28x28": (ResidualNet, (1, 28, 28)),
     }
 
 

@@ -119,16 +119,20 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from federation.config import load_experiment
-    from federation.experiment import compare_centralised, federation_key
+    from federation.datareport import skip_summary
+    from federation.experiment import compare_centralised, federation_key, load_data
     from federation.more.health import ShadowDivergenceError
     from federation.nn.train import TrainingDivergedError
 
     config = load_experiment(args.config)
     key = federation_key(config)
+    model = config.model.factory.reference if config.model.factory else config.model.arch
     print(
-        f"{config.name}: task {config.task.name}, model {config.model.arch}, "
+        f"{config.name}: task {config.task.name}, model {model}, "
         f"{config.training.dtype}, key {key.fingerprint}"
     )
+    for line in skip_summary(load_data(config)):
+        print(line)
 
     def show(mode: str, epoch: int, metrics: dict[str, float]) -> None:
         shown = {k: v for k, v in metrics.items() if k != "epoch"}
@@ -162,9 +166,46 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    from federation.config import load_experiment
+    from federation.datareport import inspect_data
+    from federation.experiment import load_data, site_data
+
+    if args.config is None:
+        raise CommandError("data inspect needs --config FILE (the experiment to inspect)")
+    config = load_experiment(args.config)
+    if args.site is not None and args.site >= config.sites.count:
+        raise CommandError(
+            f"--site {args.site}: {config.name} has sites 0..{config.sites.count - 1}"
+        )
+    data = load_data(config) if args.site is None else site_data(config, args.site)
+    where = "all sites" if args.site is None else f"site {args.site} of {config.sites.count}"
+    print(f"{config.name}: {where}")
+    for line in aligned(inspect_data(data)):
+        print(f"  {line}")
+    return 0
+
+
+def _new(args: argparse.Namespace) -> int:
+    from federation.scaffold import new_study
+
+    files = new_study(args.directory, task_module=args.task_module)
+    root = files[0].parent
+    print(f"wrote the study {root}:")
+    for path in files:
+        print(f"  {path.relative_to(root)}")
+    print(f"next: cd {root} && more-fl train --config experiment.yaml && flwr run . --stream")
+    return 0
+
+
 def _data(args: argparse.Namespace) -> int:
     from federation.tasks import get_task
 
+    if args.task == "inspect":
+        return _inspect(args)
+    inspect_only = {"--config": args.config, "--site": args.site}
+    if misplaced := [flag for flag, value in inspect_only.items() if value is not None]:
+        raise CommandError(f"{' and '.join(misplaced)}: only for `more-fl data inspect`")
     angio = args.task == "angio"
     given = {"--preview": args.preview, "--image-size": args.image_size}
     misplaced = [flag for flag, value in given.items() if value is not None and not angio]
@@ -341,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "verify",
         "check that encrypted training equals plaintext training",
-        "Trains small models both ways and prints how far their weights deviate.",
+        "Trains small models both ways (together every supported layer, loss and optimiser) "
+        "and prints how far their weights deviate and what they covered.",
     )
     p.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default: 0)")
     p.set_defaults(func=_verify)
@@ -366,10 +408,26 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "data",
         "prepare or inspect a task's data",
-        "mnist and wbc: load the data (wbc simulates and caches it) and describe it; angio: "
-        "draw a montage of the synthetic angiograms.",
+        "inspect --config FILE [--site N]: counts per class or target summary, feature "
+        "ranges, missing values and every skipped file or row, for the data a site would "
+        "train on; mnist and wbc: load the data (wbc simulates and caches it) and describe it; "
+        "angio: draw a montage of the synthetic angiograms.",
     )
-    p.add_argument("task", choices=("mnist", "wbc", "angio"), help="the task")
+    p.add_argument(
+        "task",
+        choices=("inspect", "mnist", "wbc", "angio"),
+        help="inspect: what a site of an experiment would train on; or a built-in task",
+    )
+    p.add_argument(
+        "--config", type=Path, default=None, metavar="FILE", help="inspect: the experiment"
+    )
+    p.add_argument(
+        "--site",
+        type=_non_negative_int,
+        default=None,
+        metavar="N",
+        help="inspect: one site's share (default: all the data)",
+    )
     p.add_argument(
         "--preview",
         type=Path,
@@ -395,6 +453,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default: 0)")
     p.set_defaults(func=_data)
+
+    p = _add(
+        sub,
+        "new",
+        "make a study: its own Flower app on top of more-fl",
+        "Writes DIR with an experiment YAML (every key commented), a sample patient table in "
+        "data/, the Flower app module and pyproject, and a README with the two commands; "
+        "`cd DIR && flwr run . --stream` runs it. DIR must not exist or be empty.",
+    )
+    p.add_argument("directory", type=Path, metavar="DIR", help="the new study's folder")
+    p.add_argument(
+        "--task-module",
+        action="store_true",
+        help="also write task.py, a task module skeleton (the task protocol), and use it",
+    )
+    p.set_defaults(func=_new)
 
     p = _add(
         sub,
@@ -460,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--suite",
         choices=("steps", "full"),
         default="steps",
-        help="steps: the MLP/CNN step table; full: tasks, aggregation vs CKKS, scaling",
+        help="steps: the MLP/CNN/ResNet step table; full: tasks, aggregation vs CKKS, scaling",
     )
     p.add_argument(
         "--out",

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-TASKS = ("mnist", "wbc", "angio")
+TASKS = ("mnist", "wbc", "angio", "tabular", "arrays")
 """The built-in tasks (``federation.tasks.BUILTIN_TASKS``); ``task.module`` names any other."""
 PARTITIONS = ("iid", "non-iid")
 DTYPES = ("float32", "float64")
@@ -333,8 +333,11 @@ class EncryptionConfig:
     ``target_shadow: auto`` means valid labels for classification and the target range for
     regression (the design's rule); ``uniform`` exists to demonstrate why not. Without a
     ``key_file`` a simulation derives one shared key from ``key_seed`` (never for real data).
-    ``refresh_every``: the site re-encrypts its model every so many SGD steps (0: never),
-    which stops round-off outside the key's algebra from growing.
+    ``refresh_every``: the site re-encrypts its model every so many optimiser steps (0:
+    never), which stops round-off outside the key's algebra from growing. The default is 10
+    for SGD and 1 for Adam/AdamW, whose division by ``sqrt(v) + eps`` amplifies that
+    round-off wherever a gradient nearly vanishes (measured: a ReLU MLP on a patient table
+    diverged in 8 Adam steps with 10, and matched plaintext to 1e-11 with 1).
     """
 
     target_shadow: str = "auto"
@@ -445,7 +448,7 @@ def experiment_from_dict(
         key_file=en.path("key_file", base),
         key_seed=en.integer("key_seed", 1234),
         health_limit=en.number("health_limit", 1e4, strict=True),
-        refresh_every=en.integer("refresh_every", 10),
+        refresh_every=en.integer("refresh_every", 1 if training.optimizer in ADAMS else 10),
     )
     en.done()
 

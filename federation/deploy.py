@@ -34,7 +34,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
@@ -110,7 +110,7 @@ def ensure_certificates(cert_dir: Path, host: str, *, generate: bool) -> TlsFile
         raise DeployError(
             f"{cert_dir}: needs ca.crt, server.pem and server.key (or set tls.generate: true)"
         )
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca = (
         x509.CertificateBuilder()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -53,28 +54,21 @@ def task_of(config: ExperimentConfig) -> ModuleType:
 
 @functools.lru_cache(maxsize=4)
 def _load(
-    name: str,
-    module: str | None,
-    options: tuple[tuple[str, object], ...],
-    data_dir: str | None,
-    seed: int,
+    name: str, module: str | None, options: str, data_dir: str | None, seed: int
 ) -> TaskData:
-    kwargs = dict(options)
+    kwargs = json.loads(options)
     if data_dir is not None:
         kwargs["data_dir"] = data_dir
     return task_module(name, module).load_task_data(seed=seed, **kwargs)
 
 
 def load_data(config: ExperimentConfig) -> TaskData:
-    """The whole task data (cached per process: simulated sites share one copy)."""
-    options = tuple(sorted((k, _hashable(v)) for k, v in thaw(config.task.options).items()))
+    """The whole task data (cached per process: simulated sites share one copy; the options,
+    nested mappings included, are the cache key as canonical JSON)."""
+    options = json.dumps(thaw(config.task.options), sort_keys=True, default=str)
     data_dir = None if config.task.data_dir is None else str(config.task.data_dir)
     module = None if config.task.module is None else str(config.task.module)
     return _load(config.task.name, module, options, data_dir, config.training.seed)
-
-
-def _hashable(value: object) -> object:
-    return tuple(value) if isinstance(value, list) else value
 
 
 def site_data(config: ExperimentConfig, site_id: int) -> TaskData:

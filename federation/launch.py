@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -218,9 +219,31 @@ def run_federation(
     return RunResult(run_id, status, cause, output / "report.md")
 
 
+def app_of(experiment: Path) -> Path:
+    """The Flower app an experiment belongs to: the nearest folder above it whose
+    pyproject.toml declares ``[tool.flwr.app]`` (a study made with ``more-fl new``), else
+    more-fl's own app."""
+    for folder in experiment.resolve().parents:
+        pyproject = folder / "pyproject.toml"
+        if pyproject.is_file():
+            try:
+                declared = tomllib.loads(pyproject.read_text(encoding="utf-8"))
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+                continue
+            if "app" in declared.get("tool", {}).get("flwr", {}):
+                return folder
+    return PROJECT_DIR
+
+
 def cli_run(experiment: Path, *, sites: int | None, output_dir: Path | None, resume: bool) -> int:
     """``more-fl run``: 0 for a completed run, 1 for a failed one (its cause the last line)."""
-    result = run_federation(experiment, sites=sites, output_dir=output_dir, resume=resume)
+    result = run_federation(
+        experiment,
+        sites=sites,
+        output_dir=output_dir,
+        resume=resume,
+        project_dir=app_of(experiment),
+    )
     if result.ok:
         print(f"more-fl run: run {result.run_id} completed; report: {result.report}")
         return 0

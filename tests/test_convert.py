@@ -222,6 +222,7 @@ LAYERS = {
     "Dropout": (_act(nn.Dropout(0.3)), (5, 6)),
     "Dropout2d": (_img(nn.Dropout2d(0.5)), (3, 4, 7, 7)),
     "Dropout1d": (_seq(nn.Dropout1d(0.5)), (3, 4, 9)),
+    "Dropout1d-unbatched": (nn.Dropout1d(0.5), (6, 9)),  # torch drops whole rows of (C, L)
     "Flatten": (_img(nn.Flatten()), (3, 4, 7, 7)),
 }
 

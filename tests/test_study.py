@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
-import tomllib
 import yaml
 from flower_grid import SIMULATED, LocalGrid, decrypt_arrays, serve, server_run_config
 
-from federation import protocol
+from federation import cli, protocol
 from federation.aggregation import RunStore
 from federation.config import ConfigError, experiment_fields, load_experiment
 from federation.experiment import initial_model, site_data
+from federation.scaffold import ScaffoldError, new_study
 from federation.tasks import TaskLoadError
 from sites import client_app
 
@@ -146,3 +147,54 @@ def test_the_apps_run_config_declares_every_key_with_the_protocols_defaults() ->
     config = dict(declared["config"])
     assert config.pop(protocol.RUN_EXPERIMENT) == "configs/wbc.yaml"
     assert config == protocol.RUN_DEFAULTS
+
+
+# --- more-fl new and data inspect ---------------------------------------------------------
+
+
+def _leaves(config_fields: dict) -> set[str]:
+    return {key.rsplit(".", 1)[-1] for key in config_fields}
+
+
+@pytest.mark.parametrize("task_module", [False, True], ids=["yaml-only", "task-module"])
+def test_new_writes_a_study_whose_experiment_loads_and_names_every_key(
+    tmp_path: Path, task_module: bool
+) -> None:
+    files = new_study(tmp_path / "My Study", task_module=task_module)
+    root = tmp_path / "My Study"
+    assert (root / "task.py" in files) == task_module
+    pyproject = tomllib.loads((root / "pyproject.toml").read_text())
+    assert pyproject["project"]["name"] == "my-study"
+    declared = dict(pyproject["tool"]["flwr"]["app"]["config"])
+    assert declared.pop(protocol.RUN_EXPERIMENT) == "experiment.yaml"
+    assert declared == protocol.RUN_DEFAULTS
+    text = (root / "experiment.yaml").read_text()
+    config = load_experiment(root / "experiment.yaml")
+    missing = [k for k in _leaves(experiment_fields(config)) if f"{k}:" not in text]
+    assert not missing, f"keys without a line in the scaffold: {missing}"
+    data = site_data(config, 0)
+    assert data.kind == "classification" and data.info["missing"]["cells_imputed"]
+    model = initial_model(config)
+    assert model(data.x_train[:4].double()).shape == (4, 2)
+
+
+def test_new_refuses_a_folder_that_holds_anything_and_leaves_it_alone(tmp_path: Path) -> None:
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(ScaffoldError, match="exists and is not an empty folder"):
+        new_study(tmp_path / "busy")
+    assert [p.name for p in (tmp_path / "busy").iterdir()] == ["notes.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["busy"]  # no staging folder left
+
+
+def test_data_inspect_shows_counts_ranges_missing_and_skips(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    new_study(tmp_path / "s")
+    assert cli.main(["data", "inspect", "--config", str(tmp_path / "s" / "experiment.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "all sites" in out and "320 train, 80 test" in out
+    assert "class 0:" in out and "feature cholesterol:" in out
+    assert "missing rows_imputed:" in out and "skipped:" in out
+    assert cli.main(["data", "inspect", "--config", "x.yaml", "--site", "0"]) == 2
+    assert cli.main(["data", "mnist", "--site", "1"]) == 2

@@ -370,13 +370,19 @@ class EncryptedDropout(EncryptedLayer):
         super().__init__(plain)
         self.p = plain.p
         self.feature = not isinstance(plain, nn.Dropout)
+        self.unbatched_ndim = 2 if isinstance(plain, nn.Dropout1d) else None
 
     def forward(self, x: EncryptedTensor) -> EncryptedTensor:
         if not self.training or self.p == 0 or x.numel() == 0:
             return x
         if self.p == 1:
             return x * 0.0
-        shape = (*x.shape[:2], *(1,) * (x.ndim - 2)) if self.feature else x.shape
+        if not self.feature:
+            shape = x.shape
+        elif x.ndim == self.unbatched_ndim:  # Dropout1d on (C, L): one sample, whole rows
+            shape = (x.shape[0], 1)
+        else:
+            shape = (*x.shape[:2], *(1,) * (x.ndim - 2))
         noise = torch.empty(shape, dtype=x.dtype, device=x.device)
         return x * noise.bernoulli_(1.0 - self.p).div_(1.0 - self.p)
 

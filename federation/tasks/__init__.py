@@ -1,5 +1,9 @@
 """Tasks: plain torch/numpy modules that load a site's data and build its model.
 
+Built in: three healthcare tasks with their own data (MNIST, WBC hemodynamics, angiography)
+and two generic sources for a study's own files (``tabular``: CSV/TSV/Parquet columns;
+``arrays``: an ``.npz`` of ``x`` and ``y``).
+
 The task protocol, which the built-in tasks (MNIST, WBC hemodynamics, angiography) and a
 study's own module (``task: {module: my_task.py}``) all follow:
 
@@ -7,6 +11,9 @@ study's own module (``task: {module: my_task.py}``) all follow:
   task's data (a simulation partitions it) or, in a deployment, one site's own data;
 - ``build_model(arch, **options) -> nn.Module`` (required unless every experiment names a
   ``model.factory``): the initial model, any module the encrypted engine accepts;
+- ``model_io(options) -> dict`` (optional): what the model needs to know of the data, from
+  the task options alone (the aggregator has no data): ``in_features`` or ``input_shape``,
+  and ``num_outputs``; passed to ``build_model`` (and to a factory that takes them);
 - ``site_partition(data, *, num_sites, scheme, seed, alpha) -> list[TaskData]`` (optional;
   default :func:`federation.tasks.base.default_site_partition`);
 - ``split_sizes(options) -> (n_train, n_test) | None`` (optional: lets a config with more
@@ -28,7 +35,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-BUILTIN_TASKS = {"mnist": "mnist", "wbc": "wbc", "angio": "angio"}
+BUILTIN_TASKS = {
+    "mnist": "mnist",
+    "wbc": "wbc",
+    "angio": "angio",
+    "tabular": "tabular",
+    "arrays": "arrays",
+}
 """Name in experiment configs -> module under ``federation.tasks``."""
 
 

@@ -5,14 +5,20 @@ angles stored with every run (PositionerPrimaryAngle, LAO > 0; PositionerSeconda
 cranial > 0), but angles alone cannot tell a left from a right coronary injection, so the
 artery comes from an optional labels CSV (``file`` plus ``artery`` and/or ``view``) or from
 SeriesDescription / ProtocolName words such as "LCA", "RCA", "left", "right". Files that
-cannot be used (not DICOM, not XA, no pixel data, no angles, no label, a rotational run) are
-skipped and reported with the reason, never silently dropped.
+cannot be used (not DICOM, truncated, not XA, no pixel data, no angles, no label, a rotational
+run) are skipped and reported with a one-line reason, never silently dropped.
+
+Where the angles are looked for, first found wins: the top level (XA), then the shared
+functional groups, then the per-frame functional groups (Enhanced XA, PositionerPosition
+Sequence of each frame). Legacy files without the 128-byte preamble and "DICM" prefix (no file
+meta) are read too, when the bytes parse as a DICOM data set.
 """
 
 from __future__ import annotations
 
 import csv
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,13 +26,18 @@ import numpy as np
 import pydicom
 import torch
 import torch.nn.functional as F
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.datadict import keyword_for_tag
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
 from pydicom.tag import Tag
 from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
     EnhancedXAImageStorage,
+    ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
     XRayAngiographicImageStorage,
     generate_uid,
 )
@@ -37,7 +48,6 @@ from federation.tasks.angio import (
     VIEW_BOXES,
     VIEW_CLASSES,
     AngioSet,
-    angle_name,
     generate,
     normalize_image,
     view_class,
@@ -47,6 +57,12 @@ XA_SOP_CLASSES = (XRayAngiographicImageStorage, EnhancedXAImageStorage)
 FRAME_CHOICES = ("max-contrast", "first", "middle", "last")
 _BITS = 12  # stored bits of written images (typical of XA detectors)
 _TEXT_TAGS = ("SeriesDescription", "ProtocolName")
+_ANGLES = ("PositionerPrimaryAngle", "PositionerSecondaryAngle")
+_FRAME_ANGLE_TOLERANCE = 1.0  # degrees per-frame angles may drift and still be one view
+# tags whose presence shows that bytes read without the "DICM" prefix are a DICOM data set
+_DICOM_MARKERS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "Modality", "PixelData")
+# first bytes of a data set without preamble: group 0002 or 0008, little or big endian
+_FIRST_GROUPS = (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08")
 _ARTERY_WORDS = (  # (left, right) words, strongest first
     (frozenset({"lca"}), frozenset({"rca"})),
     (frozenset({"left"}), frozenset({"right"})),
@@ -261,30 +277,121 @@ def read_labels_csv(path: str | Path) -> dict[str, _Labels | str]:
     return out
 
 
+def _in_group(group: Dataset, keyword: str) -> object | None:
+    """A value in a functional-group item: directly, or in one of its macro sequences."""
+    if keyword in group:
+        return group.get(keyword)
+    for element in group:
+        if element.VR == "SQ":
+            for item in element.value:
+                if keyword in item:
+                    return item.get(keyword)
+    return None
+
+
 def _find(ds: Dataset, keyword: str) -> object | None:
     """A value at the top level or in the shared functional groups (enhanced XA)."""
     if keyword in ds:
         return ds.get(keyword)
-    for group in ds.get("SharedFunctionalGroupsSequence", []):
-        for element in group:
-            if element.VR == "SQ":
-                for item in element.value:
-                    if keyword in item:
-                        return item.get(keyword)
+    for group in ds.get("SharedFunctionalGroupsSequence", None) or []:
+        value = _in_group(group, keyword)
+        if value is not None:
+            return value
     return None
 
 
-def _number(ds: Dataset, keyword: str) -> float | None:
-    value = _find(ds, keyword)
+def _as_number(value: object | None) -> float | None:
     if value is None or value == "":
         return None
     if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        if not value:
+            return None
         value = value[0]
     try:
         number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return None
     return number if np.isfinite(number) else None
+
+
+def _number(ds: Dataset, keyword: str) -> float | None:
+    return _as_number(_find(ds, keyword))
+
+
+def _frame_numbers(ds: Dataset, keyword: str) -> list[float]:
+    """``keyword`` of each frame that carries it in the per-frame functional groups."""
+    numbers = []
+    for group in ds.get("PerFrameFunctionalGroupsSequence", None) or []:
+        number = _as_number(_in_group(group, keyword))
+        if number is not None:
+            numbers.append(number)
+    return numbers
+
+
+def _angles(ds: Dataset) -> tuple[float | None, float | None] | str:
+    """(primary, secondary) positioner angles in degrees (None where absent), or why not.
+
+    Each angle is taken from the top level, else the shared functional groups, else the
+    per-frame functional groups (Enhanced XA). Per-frame angles are one view only while they
+    stay within ``_FRAME_ANGLE_TOLERANCE`` degrees of each other (encoder jitter); then the
+    first frame's value is used. Frames that spread further are a rotational run, refused
+    like one, since no single view label fits it; per-frame angles that contradict a top-level
+    or shared value by more than the tolerance are refused too, rather than guessing which is
+    right. Either refusal prints the angles found.
+    """
+    found: list[float | None] = []
+    for keyword in _ANGLES:
+        frames = _frame_numbers(ds, keyword)
+        if frames and max(frames) - min(frames) > _FRAME_ANGLE_TOLERANCE:
+            return (
+                f"rotational run (per-frame {keyword} spans {min(frames):.2f} to "
+                f"{max(frames):.2f} degrees over {len(frames)} frames)"
+            )
+        value = _number(ds, keyword)
+        if value is not None and frames and abs(value - frames[0]) > _FRAME_ANGLE_TOLERANCE:
+            return (
+                f"conflicting {keyword}: {value:.2f} at the top level or in the shared "
+                f"functional groups, {frames[0]:.2f} in the per-frame functional groups"
+            )
+        found.append(value if value is not None else (frames[0] if frames else None))
+    return found[0], found[1]
+
+
+def _shown(value: float, edges: list[float]) -> str:
+    """``abs(value)`` with the fewest decimals that keep it on its side of every box edge.
+
+    A plain ``:.0f`` would print -19.99 as 20, the edge of a box it lies outside of.
+    """
+    for digits in range(7):
+        text = f"{value:.{digits}f}"
+        if all(np.sign(float(text) - edge) == np.sign(value - edge) for edge in edges):
+            return text.lstrip("-")
+    return repr(abs(value))  # closer than 1e-6 to an edge: the exact value
+
+
+def _side(value: float, positive: str, negative: str, edges: list[float]) -> str:
+    """Clinical spelling of one angle, e.g. ``RAO 19.99`` (LAO / cranial > 0)."""
+    return f"{positive if value >= 0 else negative} {_shown(value, edges)}"
+
+
+def _outside_boxes(artery: int, primary: float, secondary: float) -> str:
+    """Why (primary, secondary) has no view: the angles, exact enough, and the nearest box."""
+    boxes = [(VIEW_CLASSES[v], p, s) for v, (a, p, s) in enumerate(VIEW_BOXES) if a == artery]
+    p_edges = [edge for _, p, _ in boxes for edge in p]
+    s_edges = [edge for _, _, s in boxes for edge in s]
+
+    def distance(box: tuple[str, tuple[float, float], tuple[float, float]]) -> float:
+        _, (p_lo, p_hi), (s_lo, s_hi) = box
+        dp = max(p_lo - primary, 0.0, primary - p_hi)
+        return float(np.hypot(dp, max(s_lo - secondary, 0.0, secondary - s_hi)))
+
+    name, (p_lo, p_hi), (s_lo, s_hi) = min(boxes, key=distance)
+    angles = f"{_side(primary, 'LAO', 'RAO', p_edges)} {_side(secondary, 'CRA', 'CAU', s_edges)}"
+    box = (
+        f"{_side(p_lo, 'LAO', 'RAO', [])} to {_side(p_hi, 'LAO', 'RAO', [])}, "
+        f"{_side(s_lo, 'CRA', 'CAU', [])} to {_side(s_hi, 'CRA', 'CAU', [])}"
+    )
+    return f"{angles} lies outside every {ARTERIES[artery]} view box (nearest: {name}, {box})"
 
 
 def select_frame(frames: np.ndarray, how: str | int = "max-contrast") -> int:
@@ -328,6 +435,151 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     return out[0, 0].numpy()
 
 
+def _looks_like_dicom(ds: Dataset) -> bool:
+    """Whether bytes read with ``force=True`` (no "DICM" prefix) parsed as a DICOM data set:
+    it holds an identifying element, or it starts, as data sets do, with group 0008."""
+    if any(keyword in ds for keyword in _DICOM_MARKERS):
+        return True
+    first = next(iter(ds.keys()), None)
+    return first is not None and Tag(first).group == 0x0008
+
+
+def _head(path: Path) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read(144)
+
+
+def _cut_meta(head: bytes, size: int) -> str | None:
+    """How the first bytes of a file show it is a DICOM file cut in its preamble, "DICM"
+    prefix or file meta header (which pydicom refuses or fails on), or None."""
+    if 128 < size < 132 and head[128:] == b"DICM"[: size - 128]:
+        return 'it ends inside the "DICM" prefix'
+    if head[128:132] != b"DICM":
+        return None
+    if size < 144:
+        return "it ends inside the file meta header"
+    if head[132:140] == b"\x02\x00\x00\x00UL\x04\x00":  # (0002,0000) group length, UL
+        end = 144 + int.from_bytes(head[140:144], "little")
+        if size < end:
+            return f"the file meta header alone declares {end} bytes"
+    return None
+
+
+_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+
+
+def _cut_header(tail: bytes, implicit: bool, little: bool) -> int | None:
+    """Bytes left at the end of ``tail`` (whole elements, then a cut) too few for an element
+    header, or None when the elements fill it or one of undefined length stops the walk."""
+    order = "little" if little else "big"
+    pos = 0
+    while pos < len(tail):
+        header = 12 if not implicit and tail[pos + 4 : pos + 6] in _LONG_VRS else 8
+        if len(tail) - pos < header:
+            return len(tail) - pos
+        if implicit:
+            length = int.from_bytes(tail[pos + 4 : pos + 8], order)
+        elif header == 12:
+            length = int.from_bytes(tail[pos + 8 : pos + 12], order)
+        else:
+            length = int.from_bytes(tail[pos + 6 : pos + 8], order)
+        if length == 0xFFFFFFFF:
+            return None
+        pos += header + length
+    return None
+
+
+def _truncation(path: Path, ds: FileDataset, size: int) -> str | None:
+    """How ``ds``, read from ``path`` of ``size`` bytes, shows the file was cut short, or None.
+
+    pydicom reads a cut file without complaint: the element the cut falls in keeps the bytes
+    that remain, and the elements after it are missing. The signs looked for: a file meta
+    header declared longer than the whole file; an element holding fewer bytes than its
+    length; nothing after the "DICM" prefix and file meta; a file ending inside an element
+    header (1 to 11 bytes left over) before any pixel data. (A file with whole pixel data and
+    a few stray bytes after it is still read.) A cut that falls exactly between two elements
+    leaves no trace: such a file is refused for what it lacks (modality, pixel data, ...).
+    """
+    meta_length = ds.file_meta.get("FileMetaInformationGroupLength")
+    if isinstance(meta_length, int):
+        end = (132 if ds.preamble is not None else 0) + 12 + meta_length
+        if size < end:
+            return f"the file meta header alone declares {end} bytes"
+    end = None
+    for dataset in (ds.file_meta, ds):
+        for elem in dataset.elements():
+            if not isinstance(elem, RawDataElement) or elem.length == 0xFFFFFFFF:
+                continue
+            if isinstance(elem.value, bytes) and len(elem.value) < elem.length:
+                name = keyword_for_tag(elem.tag) or "element"
+                return f"{name} {elem.tag} holds {len(elem.value)} of its {elem.length} bytes"
+            if dataset is ds and elem.value_tell is not None:
+                end = max(end or 0, elem.value_tell + elem.length)
+    if ds.preamble is not None and len(ds) == 0:
+        return 'no data set after the "DICM" prefix and file meta header'
+    implicit, little = ds.original_encoding
+    deflated = ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+    if "PixelData" in ds or deflated or end is None or implicit is None or little is None:
+        return None
+    # elements pydicom converted while reading (empty values, sequences) lie past ``end``
+    with open(path, "rb") as handle:
+        handle.seek(end)
+        left = _cut_header(handle.read(), implicit, little)
+    if left:
+        return f"it ends {left} bytes into an element header"
+    return None
+
+
+def _open(path: Path) -> FileDataset | str:
+    """The data set in ``path``, or why it cannot be read.
+
+    Files without the 128-byte preamble and "DICM" prefix (legacy writers, some PACS exports)
+    that start with a group 0002 (file meta) or 0008 element, as data sets do, are read with
+    ``force=True`` and kept when they parse as DICOM (:func:`_looks_like_dicom`); anything
+    else is "not a DICOM file". A file without a TransferSyntaxUID gets the encoding
+    pydicom read it with, so that its pixel data can be decoded.
+    """
+    size = path.stat().st_size
+    try:
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError:
+        head = _head(path)
+        cut = _cut_meta(head, size)
+        if cut is not None:
+            return f"truncated DICOM file ({size} bytes: {cut})"
+        if head[:2] not in _FIRST_GROUPS:  # spare a forced parse of, say, a video
+            return "not a DICOM file"
+        try:
+            ds = pydicom.dcmread(path, force=True)
+        except Exception:  # garbage fails in as many ways as it likes: it is not DICOM
+            return "not a DICOM file"
+        if not _looks_like_dicom(ds):
+            return "not a DICOM file"
+    except Exception as exc:  # corrupt files surface as many exception types
+        cut = _cut_meta(_head(path), size)
+        if cut is None and isinstance(exc, struct.error):  # a header read short: at the end
+            cut = "it ends inside an element header"
+        if cut is None and isinstance(exc, OSError) and str(exc).startswith("No tag to read"):
+            cut = "it ends inside a sequence"  # pydicom's words for an item header read short
+        if cut is not None:
+            return f"truncated DICOM file ({size} bytes: {cut})"
+        return f"unreadable DICOM ({type(exc).__name__}: {exc})"
+    cut = _truncation(path, ds, size)
+    if cut is not None:
+        return f"truncated DICOM file ({size} bytes: {cut})"
+    if "TransferSyntaxUID" not in ds.file_meta:
+        implicit, little = ds.original_encoding
+        if implicit is not None and little is not None:
+            ds.file_meta.TransferSyntaxUID = (
+                ImplicitVRLittleEndian
+                if implicit
+                else ExplicitVRLittleEndian
+                if little
+                else ExplicitVRBigEndian
+            )
+    return ds
+
+
 @dataclass
 class _Record:
     image: np.ndarray
@@ -353,14 +605,13 @@ def _read_one(
     frame: str | int,
 ) -> _Record | str:
     """One usable image, or the reason the file is unusable."""
-    try:
-        ds = pydicom.dcmread(path)
-    except InvalidDicomError:
-        return "not a DICOM file"
-    except Exception as exc:  # truncated or corrupt files surface as many exception types
-        return f"unreadable DICOM ({type(exc).__name__}: {exc})"
+    ds = _open(path)
+    if isinstance(ds, str):
+        return ds
     modality, sop = str(ds.get("Modality", "")), ds.get("SOPClassUID")
     if modality != "XA" and sop not in XA_SOP_CLASSES:
+        if not modality and sop is None and "PixelData" not in ds:
+            return "not XA (no Modality, SOPClassUID or pixel data: a cut or non-image file)"
         return f"not XA (modality {modality or 'missing'})"
     if "PixelData" not in ds:
         return "no pixel data"
@@ -368,14 +619,16 @@ def _read_one(
         steps = _find(ds, keyword)
         if steps is not None and np.any(np.abs(np.atleast_1d(np.asarray(steps, float))) > 0):
             return "rotational run (positioner angles change between frames)"
+    angles = _angles(ds)
+    if isinstance(angles, str):
+        return angles
+    primary, secondary = angles
 
     row = labels.get(rel, labels.get(path.name))
     if isinstance(row, str):
         return row
     artery = row.artery if row else None
     view = row.view if row else None
-    primary = _number(ds, "PositionerPrimaryAngle")
-    secondary = _number(ds, "PositionerSecondaryAngle")
     if artery is None:
         for tag in _TEXT_TAGS:
             artery = parse_artery(str(ds.get(tag, "")))
@@ -388,9 +641,7 @@ def _read_one(
             return "no artery label (labels CSV, SeriesDescription or ProtocolName)"
         view = view_class(artery, primary, secondary)
         if view is None:
-            return (
-                f"{angle_name(primary, secondary)} lies outside every {ARTERIES[artery]} view box"
-            )
+            return _outside_boxes(artery, primary, secondary)
     if artery is None:
         return "no artery label (labels CSV, SeriesDescription or ProtocolName)"
     if view is None and primary is not None and secondary is not None:
