@@ -415,7 +415,10 @@ def compare_centralised(
 
 
 def _weight_deviation(reference: nn.Module, other: nn.Module) -> tuple[float, float]:
-    ps, os_ = reference.state_dict(), other.state_dict()
+    """Largest difference of the floating-point state (integer counters such as batch
+    norm's ``num_batches_tracked`` are equal or not, never a scale)."""
+    ps = {k: v for k, v in reference.state_dict().items() if v.is_floating_point()}
+    os_ = other.state_dict()
     diff = max(float((os_[k].double() - v.double()).abs().max()) for k, v in ps.items())
     scale = max(float(v.double().abs().max()) for v in ps.values())
     return diff, diff / max(scale, 1e-30)

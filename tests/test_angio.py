@@ -157,7 +157,7 @@ def test_model_uses_only_supported_layers_and_fits_sizes() -> None:
                 assert conv.groups == 1 and conv.dilation == (1, 1)
             assert model(torch.rand(2, 1, size, size)).shape == (2, classes)
     with pytest.raises(ValueError):
-        angio.build_model("resnet")
+        angio.build_model("vit")
 
 
 def _write(path: Path, image: np.ndarray, **overrides: object) -> Path:

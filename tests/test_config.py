@@ -30,7 +30,10 @@ def test_defaults_are_documented_values() -> None:
 @pytest.mark.parametrize(
     ("patch", "message"),
     [
-        ({"task": {"name": "cifar"}}, "'task.name' must be one of mnist, wbc, angio, tabular, arrays, got 'cifar'"),
+        (
+            {"task": {"name": "cifar"}},
+            "'task.name' must be one of mnist, wbc, angio, tabular, arrays, got 'cifar'",
+        ),
         ({"training": {"lr": 0}}, "'training.lr' must be a number > 0.0, got 0"),
         ({"training": {"rounds": "three"}}, "'training.rounds' must be an integer >= 1"),
         ({"training": {"dtype": "float16"}}, "'training.dtype' must be one of float32, float64"),

@@ -45,7 +45,8 @@ class Deviation:
 
     @classmethod
     def of(cls, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Deviation:
-        pairs = [(a, b) for a, b in pairs if b.numel()]
+        # Integer counters (num_batches_tracked) are not magnitudes: they would set the scale.
+        pairs = [(a, b) for a, b in pairs if b.numel() and b.is_floating_point()]
         if not pairs:
             return cls(0.0, 0.0)
         diff = max(float((a.double() - b.double()).abs().max()) for a, b in pairs)

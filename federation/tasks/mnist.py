@@ -6,8 +6,9 @@ train/evaluation sets out of it; where all four standard files are present it us
 run is known to use the real digits; raw (uncompressed) files have no published checksum and are
 checked by structure instead (magic number, dtype, dimensions, exact size, label values).
 
-Models use only the layers the encrypted engine implements (Flatten, Linear, Conv2d, AvgPool2d,
-Sigmoid, Tanh, Softplus) in one ``nn.Sequential``.
+Models are one ``nn.Sequential`` of layers the encrypted engine implements: smooth ones (Flatten,
+Linear, Conv2d, AvgPool2d, Sigmoid, Tanh, Softplus) for ``mlp`` and ``cnn``, and ReLU,
+BatchNorm2d and MaxPool2d for the modern ``relu-cnn``.
 """
 
 from __future__ import annotations
@@ -43,10 +44,11 @@ MIRRORS: tuple[str, ...] = (
 )
 """Download sources, tried in order (the same files, so the same md5s, on each)."""
 
-_MODEL_DEFAULTS: dict[str, int | str] = {
+_MODEL_DEFAULTS: dict[str, int | str | bool] = {
     "hidden": 128,  # mlp hidden width
-    "activation": "tanh",  # "sigmoid" | "tanh" | "softplus"
-    "channels": 8,  # cnn convolution channels
+    "activation": "tanh",  # "sigmoid" | "tanh" | "softplus" (mlp, cnn)
+    "channels": 8,  # cnn convolution channels; relu-cnn first-stage channels (then twice)
+    "batch_norm": True,  # relu-cnn: BatchNorm2d after each convolution
 }
 
 RECIPES: dict[str, dict[str, int | float]] = {
@@ -55,6 +57,10 @@ RECIPES: dict[str, dict[str, int | float]] = {
     "mlp": {"epochs": 15, "batch_size": 32, "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4},
     # Conv(1,8,5,s2,p2)-Tanh-AvgPool(2)-Linear: 96.4-97.3 % (same protocol), ~9-10 s of CPU
     "cnn": {"epochs": 12, "batch_size": 32, "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4},
+    # Conv(1,8,5,s2,p2)-BN-ReLU-MaxPool-Conv(8,16,3,p1)-BN-ReLU-MaxPool-Linear, float64 at
+    # batch 64 as configs/mnist-relu.yaml: 95.1-97.7 % after 15 epochs over three seeds
+    # (97.7-97.8 % at the best epoch), 40-90 s of CPU on one thread
+    "relu-cnn": {"epochs": 15, "batch_size": 64, "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4},
 }
 """Measured plaintext SGD recipes per arch (constant lr, no schedule, shuffled mini-batches)."""
 
@@ -70,7 +76,7 @@ DEFAULTS: dict[str, object] = {
     "scheme": "iid",  # "iid" | "non-iid"
     "alpha": 0.5,  # Dirichlet concentration of the non-iid label skew
     # build_model
-    "arch": "mlp",  # "mlp" | "cnn"
+    "arch": "mlp",  # "mlp" | "cnn" | "relu-cnn"
     **_MODEL_DEFAULTS,
     # training recipe of the default arch (SGD + softmax cross-entropy), see RECIPES
     **RECIPES["mlp"],
@@ -407,24 +413,65 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 
 
-def build_model(arch: str = "mlp", **options: int | str) -> nn.Sequential:
+_ALLOWED_OPTIONS: dict[str, set[str]] = {
+    "mlp": {"hidden", "activation"},
+    "cnn": {"channels", "activation"},
+    "relu-cnn": {"channels", "batch_norm"},
+}
+
+
+def _relu_cnn(channels: int, batch_norm: bool) -> nn.Sequential:
+    """Two Conv -> [BatchNorm] -> ReLU -> MaxPool stages, then a Linear to the logits."""
+    if channels < 1:
+        raise ValueError(f"model.options.channels must be at least 1, got {channels}")
+    wide = 2 * channels
+
+    def norm(width: int) -> list[nn.Module]:
+        return [nn.BatchNorm2d(width)] if batch_norm else []
+
+    return nn.Sequential(
+        # a bias right before batch norm only shifts what the norm subtracts: none there
+        nn.Conv2d(1, channels, kernel_size=5, stride=2, padding=2, bias=not batch_norm),  # 14x14
+        *norm(channels),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # -> 7x7
+        nn.Conv2d(channels, wide, kernel_size=3, padding=1, bias=not batch_norm),
+        *norm(wide),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # -> 3x3
+        nn.Flatten(),
+        nn.Linear(wide * 3 * 3, NUM_CLASSES),
+    )
+
+
+def build_model(arch: str = "mlp", **options: int | str | bool) -> nn.Sequential:
     """A small MNIST classifier made only of layers the encrypted engine supports.
 
     ``mlp``: Flatten -> Linear(784, hidden) -> act -> Linear(hidden, 10); options ``hidden``,
     ``activation``. ``cnn``: Conv2d(1, channels, 5, stride=2, padding=2) -> act -> AvgPool2d(2)
-    -> Flatten -> Linear(channels*7*7, 10); options ``channels``, ``activation``. Outputs are
-    logits for softmax cross-entropy.
+    -> Flatten -> Linear(channels*7*7, 10); options ``channels``, ``activation``. ``relu-cnn``:
+    Conv2d(1, channels, 5, stride=2, padding=2) -> BatchNorm2d -> ReLU -> MaxPool2d(2) ->
+    Conv2d(channels, 2*channels, 3, padding=1) -> BatchNorm2d -> ReLU -> MaxPool2d(2) ->
+    Flatten -> Linear(2*channels*3*3, 10) (2.9k parameters at 8 channels, about 1.5x the
+    encrypted cost of ``cnn``); options ``channels``, ``batch_norm`` (false: biased
+    convolutions and no normalisation). Outputs are logits for softmax cross-entropy.
     """
-    allowed = {"mlp": {"hidden", "activation"}, "cnn": {"channels", "activation"}}
-    if arch not in allowed:
-        raise ValueError(f"unknown MNIST arch {arch!r} (model.arch); choose 'mlp' or 'cnn'")
-    unknown = set(options) - allowed[arch]
+    if arch not in _ALLOWED_OPTIONS:
+        choices = ", ".join(repr(name) for name in _ALLOWED_OPTIONS)
+        raise ValueError(f"unknown MNIST arch {arch!r} (model.arch); choose {choices}")
+    allowed = _ALLOWED_OPTIONS[arch]
+    unknown = set(options) - allowed
     if unknown:
         raise TypeError(
             f"unknown model.options for {arch!r}: {', '.join(sorted(unknown))} "
-            f"(it takes {', '.join(sorted(allowed[arch]))})"
+            f"(it takes {', '.join(sorted(allowed))})"
         )
     settings = {**_MODEL_DEFAULTS, **options}
+    if arch == "relu-cnn":
+        batch_norm = settings["batch_norm"]
+        if not isinstance(batch_norm, bool):
+            raise ValueError(f"model.options.batch_norm must be true or false, got {batch_norm!r}")
+        return _relu_cnn(int(settings["channels"]), batch_norm)
     activation = str(settings["activation"])
     if activation not in _ACTIVATIONS:
         raise ValueError(

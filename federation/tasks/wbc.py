@@ -125,7 +125,7 @@ DEFAULT_CACHE_DIR = Path("~") / ".cache" / "more-fl" / "wbc"
 _MODEL_DEFAULTS: dict[str, int | str] = {
     "hidden": 64,  # width of each hidden layer
     "depth": 2,  # number of hidden layers
-    "activation": "tanh",  # "tanh" | "sigmoid" | "softplus"
+    "activation": "tanh",  # "tanh" | "sigmoid" | "softplus" (mlp; bn-mlp uses ReLU)
 }
 
 RECIPES: dict[str, dict[str, int | float]] = {
@@ -147,7 +147,7 @@ DEFAULTS: dict[str, object] = {
     # site_partition
     "scheme": "iid",  # "iid" | "non-iid" (quantile bands of PARTITION_FEATURE)
     # build_model
-    "arch": "mlp",
+    "arch": "mlp",  # "mlp" | "bn-mlp"
     **_MODEL_DEFAULTS,
     # training recipe (SGD + MSE), see RECIPES
     **RECIPES["mlp"],
@@ -551,25 +551,43 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 
 
+_ALLOWED_OPTIONS: dict[str, set[str]] = {
+    "mlp": {"hidden", "depth", "activation"},
+    "bn-mlp": {"hidden", "depth"},
+}
+
+
 def build_model(arch: str = "mlp", **options: int | str) -> nn.Sequential:
     """A small MLP made only of layers the encrypted engine supports.
 
-    9 normalised inputs -> ``depth`` x (Linear(``hidden``), activation) -> Linear to the 8
-    standardised outputs; options ``hidden``, ``depth``, ``activation`` (tanh, sigmoid or
-    softplus: smooth, so the encrypted engine can evaluate them).
+    ``mlp``: 9 normalised inputs -> ``depth`` x (Linear(``hidden``), activation) -> Linear to
+    the 8 standardised outputs; options ``hidden``, ``depth``, ``activation`` (tanh, sigmoid
+    or softplus). ``bn-mlp``: ``depth`` x (Linear(``hidden``, no bias) -> BatchNorm1d -> ReLU)
+    -> Linear to the outputs (the bias would only shift what batch norm subtracts); options
+    ``hidden``, ``depth``.
     """
-    if arch != "mlp":
-        raise ValueError(f"unknown WBC arch {arch!r}; only 'mlp' is available")
-    unknown = set(options) - set(_MODEL_DEFAULTS)
+    if arch not in _ALLOWED_OPTIONS:
+        choices = ", ".join(repr(name) for name in _ALLOWED_OPTIONS)
+        raise ValueError(f"unknown WBC arch {arch!r}; choose {choices}")
+    unknown = set(options) - _ALLOWED_OPTIONS[arch]
     if unknown:
-        raise TypeError(f"unknown option(s) for {arch!r}: {sorted(unknown)}")
+        raise TypeError(
+            f"unknown option(s) for {arch!r}: {sorted(unknown)} "
+            f"(it takes {', '.join(sorted(_ALLOWED_OPTIONS[arch]))})"
+        )
     settings = {**_MODEL_DEFAULTS, **options}
-    activation = str(settings["activation"])
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
     hidden, depth = int(settings["hidden"]), int(settings["depth"])
     layers: list[nn.Module] = []
     width = len(INPUT_RANGES)
+    if arch == "bn-mlp":
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU()]
+            width = hidden
+        layers.append(nn.Linear(width, len(OUTPUT_NAMES)))
+        return nn.Sequential(*layers)
+    activation = str(settings["activation"])
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
     for _ in range(depth):
         layers += [nn.Linear(width, hidden), _ACTIVATIONS[activation]()]
         width = hidden
