@@ -53,9 +53,7 @@ def task_of(config: ExperimentConfig) -> ModuleType:
 
 
 @functools.lru_cache(maxsize=4)
-def _load(
-    name: str, module: str | None, options: str, data_dir: str | None, seed: int
-) -> TaskData:
+def _load(name: str, module: str | None, options: str, data_dir: str | None, seed: int) -> TaskData:
     kwargs = json.loads(options)
     if data_dir is not None:
         kwargs["data_dir"] = data_dir

@@ -244,7 +244,7 @@ def summary_markdown(
             "",
             f"![test metrics per round]({METRICS_PNG})",
             "",
-                f"![time per round and shadow health]({ROUNDS_PNG})",
+            f"![time per round and shadow health]({ROUNDS_PNG})",
             "",
             "Round 1's time includes each site's one-off work: loading its data and, in the "
             "encrypted run, encrypting it (later rounds reuse the ciphertexts).",

@@ -115,8 +115,7 @@ def check_resume(directory: Path, fields: Mapping[str, Any], *, resume: bool) ->
             old_fields = previous["fields"]
         except (OSError, ValueError, KeyError, TypeError):
             raise RunDirError(
-                f"{path}: unreadable run record; move {directory} away or choose another "
-                "output-dir"
+                f"{path}: unreadable run record; move {directory} away or choose another output-dir"
             ) from None
         changed = changed_fields(old_fields, fields)
         if changed and resume:

@@ -262,9 +262,7 @@ def test_the_readmes_first_main_command_works_as_pasted(tmp_path: Path) -> None:
     clone = tmp_path / "clone" / "more-fl"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True, timeout=120)
     shutil.copytree(ROOT.parent / "shared", clone.parent / "shared", symlinks=True)
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("FLWR_", "MORE_FL_"))
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLWR_", "MORE_FL_"))}
     env["FLWR_HOME"] = str(tmp_path / "flwr-home")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     done = subprocess.run(
