@@ -43,6 +43,7 @@ from federation.config import (
     load_experiment,
     with_site_count,
 )
+from federation.experiment import check_declared_normalisation, takes_statistics
 from federation.report import Failure, clear_report, closing_summary, write_report
 from federation.rundir import RunDirError, RunLock, check_resume
 from federation.runtime import check_app_environment
@@ -127,6 +128,13 @@ def run_mode(
         protocol.EXPERIMENT_DIGEST: digest,
         protocol.NUM_SITES: config.sites.count,
     }
+    if takes_statistics(config):
+        if config.federation.secure_aggregation.enabled:
+            check_declared_normalisation(config)
+        else:
+            strategy.settings[protocol.STATISTICS] = strategy.gather_statistics(
+                grid, settings.round_timeout
+            )
     store = RunStore(output_dir / mode)
     if not resume:
         store.clear()

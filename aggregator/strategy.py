@@ -23,14 +23,29 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from aggregator.secure import SecureReply, SecureResult, secure_round
 from federation import protocol
-from federation.aggregation import InvalidUpdate, RunStore, fedavg, validate_update
+from federation.aggregation import (
+    InvalidUpdate,
+    RunStore,
+    fedavg,
+    statistics_json,
+    sum_statistics,
+    validate_update,
+)
 from federation.config import SecureAggregationConfig
 
 
@@ -252,6 +267,46 @@ class EncryptedFedAvg(FedAvg):
         sent = super().configure_evaluate(server_round, arrays, self._settings(config), grid)
         self._sent = list(sent)
         return self._sent
+
+    def gather_statistics(self, grid: Grid, timeout: float) -> str:
+        """The statistics round before round 1: every site sends the counts, sums, sums of
+        squares, min and max of its raw features; their sum, as JSON for every later
+        message. Raises :class:`RoundFailedError` with fewer than ``min_sites`` valid."""
+        self._await_sites(grid)
+        config = self._settings(ConfigRecord({protocol.SERVER_ROUND: 0}))
+        self._sent = [
+            Message(
+                RecordDict({protocol.CONFIG: ConfigRecord(dict(config))}),
+                dst_node_id=node,
+                message_type=MessageType.QUERY,
+            )
+            for node in grid.get_node_ids()
+        ]
+        round_log = RoundLog(sites=self.sites)
+        valid = []
+        for node, msg in self._by_node(
+            grid.send_and_receive(self._sent, timeout=timeout), round_log, "statistics"
+        ):
+            try:
+                reply = _unpack(msg, node, with_arrays=True)
+                self._learn(reply)
+                valid.append(reply)
+            except InvalidUpdate as exc:
+                round_log.refuse(node, str(exc), "statistics")
+        valid.sort(key=lambda u: (u.site, u.node))
+        try:
+            if len(valid) < self.min_sites:
+                raise InvalidUpdate(f"{len(valid)} sites sent statistics, {self.min_sites} needed")
+            total = sum_statistics([u.arrays for u in valid])
+        except InvalidUpdate as exc:
+            raise RoundFailedError(
+                f"the statistics round failed: {exc}",
+                mode=self.mode,
+                server_round=0,
+                refused=round_log.refused,
+            ) from None
+        log(INFO, "statistics: %d sites, %d rows", len(valid), total.features.count)
+        return statistics_json(total)
 
     def _by_node(
         self, replies: Iterable[Message], round_log: RoundLog, stage: str

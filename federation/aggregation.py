@@ -21,6 +21,7 @@ from federation.config import ExperimentConfig
 from federation.experiment import dtype_of, initial_model, make_optimizer, train_centralised
 from federation.nn.convert import to_encrypted
 from federation.nn.optim import optimizer_arrays
+from federation.tasks.stats import DataStats
 
 
 class CheckpointError(ValueError):
@@ -180,3 +181,29 @@ class RunStore:
 def centralised_history(config: ExperimentConfig) -> list[dict[str, float]]:
     """Per-epoch test metrics of centralised plaintext training (the report's reference)."""
     return train_centralised(config, encrypted=False).history
+
+
+def sum_statistics(replies: list[Mapping[str, np.ndarray]]) -> DataStats:
+    """The federation's statistics: the sum of every site's (each checked for the same
+    entries, finite values and at least one row; an unfit one is refused naming why)."""
+    if not replies:
+        raise InvalidUpdate("no site sent its statistics")
+    total = None
+    for arrays in replies:
+        try:
+            stats = DataStats.from_dict(arrays)
+        except (KeyError, TypeError, ValueError) as exc:  # also non-finite sums or extremes
+            raise InvalidUpdate(f"malformed statistics: {exc}") from None
+        if stats.features.count < 1:
+            raise InvalidUpdate(f"statistics over {stats.features.count} rows")
+        try:
+            total = stats if total is None else total + stats
+        except ValueError as exc:
+            raise InvalidUpdate(f"statistics do not add up: {exc}") from None
+    assert total is not None
+    return total
+
+
+def statistics_json(stats: DataStats) -> str:
+    """The federation statistics as sent to every site (JSON, in each message's config)."""
+    return json.dumps({k: np.asarray(v).tolist() for k, v in stats.to_dict().items()})

@@ -36,6 +36,7 @@ from federation.nn.train import predict_encrypted, train_encrypted, train_plain
 from federation.refresh import refresh_in_place, refresher
 from federation.tasks import model_factory, task_module
 from federation.tasks.base import TaskData, default_site_partition
+from federation.tasks.stats import DataStats, prepare
 
 
 def dtype_of(config: ExperimentConfig) -> torch.dtype:
@@ -52,28 +53,41 @@ def task_of(config: ExperimentConfig) -> ModuleType:
     return task_module(config.task.name, None if module is None else str(module))
 
 
-@functools.lru_cache(maxsize=4)
-def _load(name: str, module: str | None, options: str, data_dir: str | None, seed: int) -> TaskData:
+@functools.lru_cache(maxsize=8)
+def _load(
+    loader: str, name: str, module: str | None, options: str, data_dir: str | None, seed: int
+) -> TaskData:
     kwargs = json.loads(options)
     if data_dir is not None:
         kwargs["data_dir"] = data_dir
-    return task_module(name, module).load_task_data(seed=seed, **kwargs)
+    return getattr(task_module(name, module), loader)(seed=seed, **kwargs)
 
 
-def load_data(config: ExperimentConfig) -> TaskData:
-    """The whole task data (cached per process: simulated sites share one copy; the options,
-    nested mappings included, are the cache key as canonical JSON)."""
+def _task_data(config: ExperimentConfig, loader: str) -> TaskData:
+    """``loader`` of the task (cached per process: simulated sites share one copy; the
+    options, nested mappings included, are the cache key as canonical JSON)."""
     options = json.dumps(thaw(config.task.options), sort_keys=True, default=str)
     data_dir = None if config.task.data_dir is None else str(config.task.data_dir)
     module = None if config.task.module is None else str(config.task.module)
-    return _load(config.task.name, module, options, data_dir, config.training.seed)
+    return _load(loader, config.task.name, module, options, data_dir, config.training.seed)
 
 
-def site_data(config: ExperimentConfig, site_id: int) -> TaskData:
-    """Site ``site_id``'s share under the configured partition (deterministic from the seed)."""
+def load_data(config: ExperimentConfig) -> TaskData:
+    """The whole task data, ready to train."""
+    return _task_data(config, "load_task_data")
+
+
+def load_raw_data(config: ExperimentConfig) -> TaskData:
+    """The task's data before normalisation (features in their own units)."""
+    return _task_data(config, "load_raw")
+
+
+def site_data(config: ExperimentConfig, site_id: int, *, raw: bool = False) -> TaskData:
+    """Site ``site_id``'s share under the configured partition (deterministic from the seed);
+    ``raw``: of :func:`load_raw_data` (before federation statistics)."""
     if not 0 <= site_id < config.sites.count:
         raise ValueError(f"site id {site_id} outside 0..{config.sites.count - 1}")
-    data = load_data(config)
+    data = load_raw_data(config) if raw else load_data(config)
     if config.sites.count == 1:
         return data
     partition = getattr(task_of(config), "site_partition", default_site_partition)
@@ -85,6 +99,31 @@ def site_data(config: ExperimentConfig, site_id: int) -> TaskData:
         alpha=config.sites.alpha,
     )
     return parts[site_id]
+
+
+def takes_statistics(config: ExperimentConfig) -> bool:
+    """Whether the task normalises with federation statistics (it offers ``load_raw``)."""
+    return callable(getattr(task_of(config), "load_raw", None))
+
+
+def check_declared_normalisation(config: ExperimentConfig) -> None:
+    """Secure aggregation hides each site's update, but the statistics round would show the
+    aggregator each site's per-feature counts, sums and extremes: such a run must declare
+    the normalisation instead."""
+    declared = thaw(config.task.options).get("normalise", "auto")
+    if declared == "auto":
+        raise ValueError(
+            f"{config.source}: with federation.secure_aggregation on, declare "
+            "'task.options.normalise' ({mean: [...], std: [...]} or none): federation "
+            "statistics would show the aggregator every site's feature sums and extremes"
+        )
+
+
+def with_statistics(config: ExperimentConfig, raw: TaskData, stats: DataStats) -> TaskData:
+    """A site's raw data normalised with the federation's statistics (or the declared
+    values of ``task.options.normalise``)."""
+    declared = thaw(config.task.options).get("normalise")
+    return prepare(raw, stats, declared=declared, where=f"{config.source}: task {raw.name}")
 
 
 def initial_model(config: ExperimentConfig) -> nn.Module:

@@ -31,6 +31,9 @@ ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 SITE = "site"
+STATISTICS = "statistics"
+"""A site's feature statistics (reply to the statistics query, an ArrayRecord); and, in every
+later message's CONFIG, the federation's sum of them as JSON (see ``federation.tasks.stats``)."""
 
 # ConfigRecord entries sent to sites (FINGERPRINT below too, once the federation's is known).
 SERVER_ROUND = "server-round"

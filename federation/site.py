@@ -7,6 +7,7 @@ key before replying, and evaluates by encrypted inference, decrypting only predi
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -24,9 +25,12 @@ from federation.experiment import (
     fit_encrypted,
     fit_plain,
     initial_model,
+    load_data,
+    load_raw_data,
     loss_of,
     plain_targets,
     site_data,
+    with_statistics,
 )
 from federation.more.cipher import decrypt
 from federation.more.health import check_tensors, diagnose
@@ -46,6 +50,7 @@ from federation.nn.train import (
 )
 from federation.refresh import model_ciphertexts, refresh_in_place
 from federation.tasks.base import TaskData
+from federation.tasks.stats import DataStats, data_stats
 
 
 class SiteError(RuntimeError):
@@ -81,23 +86,53 @@ class Site:
         key: MoreKey | None,
         *,
         deployed: bool = False,
+        own_data: bool = False,
     ) -> None:
         if config.federation.encrypted and key is None:
             raise ValueError("an encrypted federation needs the site's key")
         self.config, self.site_id, self._key = config, site_id, key
-        self.deployed = deployed
-        self.data: TaskData = site_data(config, site_id)
+        self.deployed, self.own_data = deployed, own_data
+        self.data: TaskData = load_data(config) if own_data else site_data(config, site_id)
         self._split: EncryptedSplit | None = None
+        self._statistics: str | None = None
 
     @classmethod
-    def for_node(cls, config: ExperimentConfig, site_id: int, *, deployed: bool = False) -> Site:
+    def for_node(
+        cls,
+        config: ExperimentConfig,
+        site_id: int,
+        *,
+        deployed: bool = False,
+        own_data: bool = False,
+    ) -> Site:
         """A deployed site refuses the seeded simulation key and draws its shadow values
-        from OS randomness (the training seed is public); a simulated site keeps both."""
+        from OS randomness (the training seed is public); a simulated site keeps both.
+        ``own_data``: the site's data folder is its own (a SuperNode's ``data-dir``), used
+        whole; otherwise the site takes its share of the experiment's data."""
         try:
             key = federation_key(config, deployed=deployed) if config.federation.encrypted else None
         except SimulationKeyError as exc:
             raise SiteError(f"site {site_id}: {exc}") from None
-        return cls(config, site_id, key, deployed=deployed)
+        return cls(config, site_id, key, deployed=deployed, own_data=own_data)
+
+    def _raw(self) -> TaskData:
+        if self.own_data:
+            return load_raw_data(self.config)
+        return site_data(self.config, self.site_id, raw=True)
+
+    def statistics(self) -> dict[str, np.ndarray]:
+        """This site's contribution to the federation statistics (counts, sums, sums of
+        squares, min and max per feature of its raw data); only these numbers leave."""
+        return data_stats(self._raw()).to_dict()
+
+    def use_statistics(self, statistics: str) -> None:
+        """Normalise with the federation's statistics (JSON of their arrays), once per
+        distinct value: the encrypted data is redone only when they change."""
+        if statistics == self._statistics:
+            return
+        arrays = {k: np.asarray(v) for k, v in json.loads(statistics).items()}
+        self.data = with_statistics(self.config, self._raw(), DataStats.from_dict(arrays))
+        self._statistics, self._split = statistics, None
 
     @property
     def fingerprint(self) -> str | None:

@@ -22,6 +22,7 @@ from dataclasses import replace
 from logging import DEBUG, ERROR
 from pathlib import Path
 
+import numpy as np
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -143,9 +144,15 @@ def _site(msg: Message, context: Context, app_dir: Path) -> tuple[Site, int]:
     )
     if cache_key not in _SITES:
         _SITES[cache_key] = Site.for_node(
-            site_config(config, node, mode), site_id, deployed=not simulated
+            site_config(config, node, mode),
+            site_id,
+            deployed=not simulated,
+            own_data=bool(node.get(protocol.NODE_DATA_DIR)),
         )
     site = _SITES[cache_key]
+    statistics = settings.get(protocol.STATISTICS)
+    if statistics is not None:
+        site.use_statistics(str(statistics))
     federation_fingerprint = settings.get(protocol.FINGERPRINT)
     if federation_fingerprint is not None and site.fingerprint != federation_fingerprint:
         raise SiteError(
@@ -276,6 +283,23 @@ def evaluate(msg: Message, context: Context, app_dir: Path = APP_DIR) -> Message
     return Message(content, reply_to=msg)
 
 
+def statistics(msg: Message, context: Context, app_dir: Path = APP_DIR) -> Message:
+    """The site's feature statistics for the federation's normalisation (only these leave)."""
+    try:
+        site, _ = _site(msg, context, app_dir)
+        arrays = site.statistics()
+    except Exception as exc:  # same contract as train
+        return _error_reply(msg, context, exc)
+    content = RecordDict(
+        {
+            protocol.ARRAYS: ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
+            protocol.METRICS: _metrics(int(arrays["features.count"].sum()), {}),
+            protocol.SITE: _identity(site.site_id, site.fingerprint),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
 def create_app(app_dir: Path) -> ClientApp:
     """The site agent of the Flower app rooted at ``app_dir`` (where its experiment files
     are): more-fl's own app below, or a study made with ``more-fl new``."""
@@ -288,6 +312,10 @@ def create_app(app_dir: Path) -> ClientApp:
     @client.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
         return evaluate(msg, context, app_dir)
+
+    @client.query()
+    def _statistics(msg: Message, context: Context) -> Message:
+        return statistics(msg, context, app_dir)
 
     return client
 

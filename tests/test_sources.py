@@ -166,8 +166,14 @@ def test_tabular_classification_loads_encoded_and_standardised(csv_dir: Path) ->
     assert data.x_train.shape == (48, 7) and data.x_test.shape == (12, 7)
     assert data.num_classes == 2 and data.class_names == ("survived", "died")
     x = torch.cat([data.x_train, data.x_test])
+    raw = tabular.load_raw(seed=1, data_dir=csv_dir, **CLASSIFY)
+    nan = torch.isnan(torch.cat([raw.x_train, raw.x_test]))  # left to the mean
+    assert nan.sum(0).tolist() == [0, 5, 4, 4, 4, 0, 0]
     assert torch.allclose(x.mean(0), torch.zeros(7, dtype=x.dtype), atol=1e-12)
-    assert torch.allclose(x.std(0, unbiased=False), torch.ones(7, dtype=x.dtype), atol=1e-12)
+    assert (x[nan] == 0).all()  # the (federation's) mean, standardised
+    for j in range(7):
+        observed = x[~nan[:, j], j]
+        assert float(observed.std(unbiased=False)) == pytest.approx(1.0, abs=1e-12)
     lo, hi = data.feature_range
     assert lo == pytest.approx(float(x.min())) and hi == pytest.approx(float(x.max()))
     missing = data.info["missing"]
@@ -176,11 +182,12 @@ def test_tabular_classification_loads_encoded_and_standardised(csv_dir: Path) ->
     assert data.info["inputs"][2:5] == ("smoker=never", "smoker=former", "smoker=current")
     assert tabular.split_sizes({**CLASSIFY, "data_dir": csv_dir}) == (48, 12)
     assert tabular.split_sizes({**CLASSIFY, "data_dir": csv_dir / "elsewhere"}) is None
-    # the raw imputed smoker cells hold the frequencies of the other rows
-    raw = tabular.load_raw(seed=1, data_dir=csv_dir, **CLASSIFY)
-    rx = torch.cat([raw.x_train, raw.x_test])
-    fractional = rx[:, 2:5][(rx[:, 2:5] % 1 != 0).any(1)]
-    assert len(fractional) == 4 and torch.allclose(fractional.sum(1), torch.ones(4).double())
+    # a missing categorical cell becomes the value frequencies (the one-hot columns' means)
+    imputed = torch.cat([data.x_train, data.x_test])[nan[:, 2]][:, 2:5]
+    used = data.info["normalisation"]["features"]
+    scale, mean = torch.as_tensor(used["std"])[2:5], torch.as_tensor(used["mean"])[2:5]
+    frequencies = imputed * scale + mean
+    assert len(frequencies) == 4 and torch.allclose(frequencies.sum(1), torch.ones(4).double())
 
 
 def test_tabular_regression_targets_in_physical_units(csv_dir: Path) -> None:
@@ -204,13 +211,15 @@ def test_tabular_declared_normalisation(csv_dir: Path) -> None:
     declared = {**CLASSIFY, "normalise": {"mean": [50.0], "std": [10.0]}}
     data = tabular.load_task_data(seed=0, data_dir=csv_dir, **declared)
     raw = tabular.load_raw(seed=0, data_dir=csv_dir, **CLASSIFY)
-    torch.testing.assert_close(data.x_train, (raw.x_train - 50.0) / 10.0, rtol=0, atol=1e-15)
+    seen = ~torch.isnan(raw.x_train)
+    expected = (raw.x_train - 50.0) / 10.0
+    torch.testing.assert_close(data.x_train[seen], expected[seen], rtol=0, atol=1e-15)
     assert data.info["normalisation"]["features"]["method"] == "declared"
     assert data.feature_range[0] == pytest.approx(
         float(torch.cat([data.x_train, data.x_test]).min())
     )
     plain = tabular.load_task_data(seed=0, data_dir=csv_dir, **{**CLASSIFY, "normalise": "none"})
-    assert torch.equal(plain.x_train, raw.x_train)
+    assert torch.equal(plain.x_train[seen], raw.x_train[seen])
     with pytest.raises(ValueError, match="normalise.std must be one finite number or 7"):
         tabular.load_task_data(
             seed=0, data_dir=csv_dir, **{**CLASSIFY, "normalise": {"mean": 0, "std": [1, 2]}}
@@ -268,7 +277,7 @@ def _refused(tmp_path: Path, rows, options=None, header=HEADER, name="patients.c
     if rows is not None:
         _write(path, rows, header)
     with pytest.raises(ValueError) as info:
-        tabular.load_raw(seed=0, data_dir=tmp_path, **{**CLASSIFY, **(options or {})})
+        tabular.load_task_data(seed=0, data_dir=tmp_path, **{**CLASSIFY, **(options or {})})
     message = str(info.value)
     assert "\n" not in message
     return message
@@ -382,8 +391,12 @@ def test_semicolon_tables_and_cp1252(tmp_path: Path) -> None:
     assert raw.info["missing"]["cells_imputed"] == {"sbp": 1}
     (tmp_path / "p.tsv").write_text(text.replace(";", "\t"), encoding="utf-8")
     tsv = tabular.load_raw(seed=0, data_dir=tmp_path, **{**CLASSIFY, "file": "p.tsv"})
-    assert torch.equal(
-        torch.cat([tsv.x_train, tsv.x_test])[:, :2], torch.cat([raw.x_train, raw.x_test])[:, :2]
+    torch.testing.assert_close(
+        torch.cat([tsv.x_train, tsv.x_test])[:, :2],
+        torch.cat([raw.x_train, raw.x_test])[:, :2],
+        rtol=0,
+        atol=0,
+        equal_nan=True,
     )
 
 
@@ -459,9 +472,8 @@ def test_fuzzed_cells_load_exactly_or_are_refused_by_name(
     x = torch.cat([raw.x_train, raw.x_test])
     row = x[:, 0].tolist().index(float(rows[1][1]))  # find row 3 by its age
     stripped = cell.strip()
-    if stripped.lower() in tabular.MISSING_TOKENS:
-        others = [float(r[2]) for i, r in enumerate(rows) if i != 1 and r[2]]
-        assert float(x[row, 1]) == pytest.approx(sum(others) / len(others))
+    if stripped.lower() in tabular.MISSING_TOKENS:  # left to the federation's mean
+        assert math.isnan(float(x[row, 1]))
     else:
         assert float(x[row, 1]) == float(stripped) and math.isfinite(float(stripped))
 

@@ -32,15 +32,17 @@ import torch
 
 from federation.tasks.base import TaskData
 
-_FIELDS = ("count", "sum", "sum_sq", "min", "max")
+_FIELDS = ("count", "sum", "sum_sq", "min", "max", "present")
 
 
 @dataclass(frozen=True, eq=False)
 class FeatureStats:
     """Sufficient statistics of ``count`` rows of ``num_features`` features.
 
-    Additive: ``a + b`` are the statistics of both sets of rows (``sum`` works, starting
-    from 0). ``FeatureStats.empty(n)`` is the neutral element.
+    ``present`` counts each feature's values that are not missing (NaN: a cell the
+    ``impute`` policy left to the federation's mean); sums, minima and maxima are over
+    those. Additive: ``a + b`` are the statistics of both sets of rows (``sum`` works,
+    starting from 0). ``FeatureStats.empty(n)`` is the neutral element.
     """
 
     count: int
@@ -48,11 +50,14 @@ class FeatureStats:
     sum_sq: np.ndarray
     min: np.ndarray
     max: np.ndarray
+    present: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.count, bool) or int(self.count) != self.count or self.count < 0:
             raise ValueError(f"FeatureStats count must be a non-negative integer: {self.count}")
         object.__setattr__(self, "count", int(self.count))
+        if self.present is None:
+            object.__setattr__(self, "present", np.full(len(np.ravel(self.sum)), self.count))
         arrays = {}
         for name in _FIELDS[1:]:
             value = np.array(getattr(self, name), dtype=np.float64).reshape(-1)
@@ -64,14 +69,18 @@ class FeatureStats:
             raise ValueError(f"FeatureStats arrays differ in length or are empty: {sizes}")
         if not (np.isfinite(self.sum).all() and np.isfinite(self.sum_sq).all()):
             raise ValueError("FeatureStats sums must be finite")
-        if self.count and not (np.isfinite(self.min).all() and np.isfinite(self.max).all()):
+        seen = self.present > 0
+        if not (np.isfinite(self.min[seen]).all() and np.isfinite(self.max[seen]).all()):
             raise ValueError("FeatureStats min/max must be finite")
+        if (self.present < 0).any() or (self.present > self.count).any():
+            raise ValueError(f"FeatureStats present counts must lie in 0..{self.count}")
 
     @classmethod
     def empty(cls, num_features: int) -> FeatureStats:
         """Statistics of no rows (``empty(n) + s == s``)."""
         zeros = np.zeros(num_features)
-        return cls(0, zeros, zeros, np.full(num_features, np.inf), np.full(num_features, -np.inf))
+        inf = np.full(num_features, np.inf)
+        return cls(0, zeros, zeros, inf, -inf, zeros)
 
     @property
     def num_features(self) -> int:
@@ -92,6 +101,7 @@ class FeatureStats:
             self.sum_sq + other.sum_sq,
             np.minimum(self.min, other.min),
             np.maximum(self.max, other.max),
+            self.present + other.present,
         )
 
     __radd__ = __add__
@@ -99,17 +109,20 @@ class FeatureStats:
     def _require_rows(self) -> None:
         if self.count == 0:
             raise ValueError("statistics of no rows have no mean or std")
+        if (self.present == 0).any():
+            empty = ", ".join(str(i) for i in np.flatnonzero(self.present == 0))
+            raise ValueError(f"feature(s) {empty} have no value in any row: no mean or std")
 
     @property
     def mean(self) -> np.ndarray:
         self._require_rows()
-        return self.sum / self.count
+        return self.sum / self.present
 
     @property
     def var(self) -> np.ndarray:
-        """Population variance (divisor ``count``); 0 for constant features."""
+        """Population variance (divisor: the present values); 0 for constant features."""
         mean = self.mean
-        var = np.maximum(self.sum_sq / self.count - mean * mean, 0.0)
+        var = np.maximum(self.sum_sq / self.present - mean * mean, 0.0)
         return np.where(self.max == self.min, 0.0, var)
 
     @property
@@ -153,11 +166,20 @@ def feature_stats(x: torch.Tensor | np.ndarray) -> FeatureStats:
     ``[N, ...]`` one feature per position (reshape to ``[-1, 1]`` for one global one)."""
     a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     a = a.astype(np.float64, copy=False).reshape(len(a), -1)
-    if not np.isfinite(a).all():
-        raise ValueError("cannot take statistics of non-finite values")
+    if np.isinf(a).any():
+        raise ValueError("cannot take statistics of infinite values")
     if not len(a):
         return FeatureStats.empty(a.shape[1])
-    return FeatureStats(len(a), a.sum(axis=0), (a * a).sum(axis=0), a.min(axis=0), a.max(axis=0))
+    seen = ~np.isnan(a)
+    inf = np.inf
+    return FeatureStats(
+        len(a),
+        np.where(seen, a, 0.0).sum(axis=0),
+        np.where(seen, a * a, 0.0).sum(axis=0),
+        np.where(seen, a, inf).min(axis=0),
+        np.where(seen, a, -inf).max(axis=0),
+        seen.sum(axis=0),
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -280,6 +302,16 @@ def normalise(
         )
     if stats.count == 0:
         raise ValueError(f"{where}: statistics of no rows cannot standardise data")
+    if (stats.present == 0).any():
+        inputs = tuple(data.info.get("inputs", ()))  # type: ignore[arg-type]
+        empty = [
+            repr(inputs[i]) if len(inputs) == stats.num_features else f"feature {i}"
+            for i in np.flatnonzero(stats.present == 0)
+        ]
+        raise ValueError(
+            f"{where}: column {', '.join(empty)} has no value to impute from (every row of "
+            "the federation misses it)"
+        )
     method, mean, std = _declared(declared, width, where)
     if mean is None or std is None:
         mean, std = stats.mean, stats.scale
@@ -288,6 +320,7 @@ def normalise(
 
     def apply(x: torch.Tensor, split: str) -> torch.Tensor:
         a = x.detach().cpu().numpy().astype(np.float64).reshape(len(x), -1)
+        a = np.where(np.isnan(a), stats.mean, a)  # missing cells: the federation's mean
         out = (a - mean) / std
         if len(out) and not (out.min() >= lo and out.max() <= hi):
             raise ValueError(

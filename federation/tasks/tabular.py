@@ -31,9 +31,10 @@ Options (``task.options``):
 - ``categorical``: ``{column: [value, ...]}``.
 - ``missing``: what to do with a missing cell (empty, ``NA``, ``N/A``, ``NaN``, ``null``,
   ``None``, ``?``; a declared class or vocabulary value always wins): ``error`` (default:
-  refuse, naming the cell), ``drop`` the row, or ``impute`` the column's mean over the rows
-  this loader reads (a site's own rows in a deployment; for a categorical column the mean of
-  its one-hot encoding, i.e. the value frequencies). A row with a missing target is dropped
+  refuse, naming the cell), ``drop`` the row, or ``impute`` the column's mean over the
+  federation (the statistics round sums every site's values present; in a simulation, the
+  whole table's; for a categorical column the mean of its one-hot encoding, i.e. the value
+  frequencies); ``load_raw`` leaves such cells NaN. A row with a missing target is dropped
   under ``drop`` and ``impute``. ``info["missing"]`` counts what was done.
 - ``test_fraction`` (default 0.2): held-out share of the rows, a permutation seeded by the
   experiment seed (at least one train and one test row).
@@ -517,12 +518,8 @@ def _encode(table: _Table, spec: TabularSpec) -> _Encoded:
             for i, row in enumerate(features):
                 if present[i]:
                     block[i, row[j]] = 1.0  # type: ignore[index]
-        if not present.all():
-            if not present.any():
-                raise ValueError(
-                    f"{path}: column {column!r} has no value to impute from (every row misses it)"
-                )
-            block[~present] = block[present].mean(axis=0)
+        if not present.all():  # filled with the federation's mean when normalised
+            block[~present] = np.nan
             imputed_cells[column] = int((~present).sum())
             imputed_rows |= ~present
         columns.append(block)
@@ -572,7 +569,7 @@ def load_raw(*, seed: int = 0, data_dir: str | Path | None = None, **options: An
         "y_train": y[train],
         "x_test": x[test],
         "y_test": y[test],
-        "feature_range": (float(encoded.x.min()), float(encoded.x.max())),
+        "feature_range": (float(np.nanmin(encoded.x)), float(np.nanmax(encoded.x))),
         "info": info,
     }
     if spec.classes is not None:
