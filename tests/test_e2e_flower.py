@@ -354,3 +354,59 @@ def test_bare_flwr_run_installs_nothing_and_fits_flowers_default_node_count(
     assert entry["sites"] == 2
     assert "status: **completed**" in (tmp_path / "out" / "report.md").read_text()
     assert not _pids_wait_gone(str(home))
+
+
+def test_a_new_study_with_its_own_task_and_model_runs_with_bare_flwr_run(tmp_path: Path) -> None:
+    """`more-fl new --task-module`, a model factory beside it, then `cd DIR && flwr run .
+    --stream` with Flower's defaults (runtime dependency installation on, 2 SuperNodes): a
+    task module and a model outside the package train encrypted through real Flower."""
+    study = tmp_path / "study"
+    subprocess.run(
+        [sys.executable, "-m", "federation.cli", "new", str(study), "--task-module"],
+        check=True,
+        timeout=120,
+    )
+    (study / "models.py").write_text(
+        "from torch import nn\n\n\n"
+        "def build(in_features, num_outputs, hidden=8):\n"
+        "    return nn.Sequential(nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden),\n"
+        "                         nn.ReLU(), nn.Linear(hidden, num_outputs))\n",
+        encoding="utf-8",
+    )
+    data = yaml.safe_load((study / "experiment.yaml").read_text())
+    data["model"] = {"factory": "models.py:build", "options": {"hidden": 8}}
+    data["training"]["rounds"] = 2
+    (study / "experiment.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")
+    home = tmp_path / "flwr-home"
+    env = deploy.flower_env()
+    del env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"]
+    env.update(
+        FLWR_HOME=str(home),
+        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(_free_port()),
+        FLWR_LOCAL_CONTROL_API_PORT=str(_free_port()),
+    )
+    settings = f'output-dir="{tmp_path / "out"}"'
+    try:
+        done = subprocess.run(
+            ["flwr", "run", ".", "--stream", "--run-config", settings],
+            cwd=study,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+    finally:
+        for pid in _pids_mentioning(str(home)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+    out = done.stdout + done.stderr
+    assert "No additional application dependencies needed installation." in out, out
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "status: **completed**" in report, out
+    encrypted = json.loads((tmp_path / "out" / "encrypted" / RunStore.HISTORY).read_text())
+    plaintext = json.loads((tmp_path / "out" / "plaintext" / RunStore.HISTORY).read_text())
+    assert [h["sites"] for h in encrypted] == [2, 2]
+    for e, p in zip(encrypted, plaintext, strict=True):  # decrypt(encrypted) == plaintext
+        assert e["evaluate"]["accuracy"] == pytest.approx(p["evaluate"]["accuracy"], abs=1e-12)
+    assert not _pids_wait_gone(str(home))
