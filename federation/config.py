@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-TASKS = ("mnist", "wbc", "angio", "tabular", "arrays")
+TASKS = ("mnist", "wbc", "angio", "tabular", "arrays", "images", "dicom")
 """The built-in tasks (``federation.tasks.BUILTIN_TASKS``); ``task.module`` names any other."""
 PARTITIONS = ("iid", "non-iid")
 DTYPES = ("float32", "float64")
@@ -384,7 +384,7 @@ def experiment_from_dict(
     t.done()
 
     m = top.child("model")
-    arch = _text(m, "arch", "cnn" if task.name == "angio" else "mlp")
+    arch = _text(m, "arch", "cnn" if task.name in ("angio", "images", "dicom") else "mlp")
     model = ModelConfig(arch=arch, options=m.mapping("options"), factory=_factory(m, base))
     m.done()
 

@@ -32,7 +32,8 @@ def test_defaults_are_documented_values() -> None:
     [
         (
             {"task": {"name": "cifar"}},
-            "'task.name' must be one of mnist, wbc, angio, tabular, arrays, got 'cifar'",
+            "'task.name' must be one of mnist, wbc, angio, tabular, arrays, images, dicom, got "
+            "'cifar'",
         ),
         ({"training": {"lr": 0}}, "'training.lr' must be a number > 0.0, got 0"),
         ({"training": {"rounds": "three"}}, "'training.rounds' must be an integer >= 1"),

@@ -1,8 +1,9 @@
 """Tasks: plain torch/numpy modules that load a site's data and build its model.
 
 Built in: three healthcare tasks with their own data (MNIST, WBC hemodynamics, angiography)
-and two generic sources for a study's own files (``tabular``: CSV/TSV/Parquet columns;
-``arrays``: an ``.npz`` of ``x`` and ``y``).
+and four generic sources for a study's own files (``tabular``: CSV/TSV/Parquet columns;
+``arrays``: an ``.npz`` of ``x`` and ``y``; ``images``: a folder per class of PNG/JPEG;
+``dicom``: DICOM files of any modality with a labels CSV).
 
 The task protocol, which the built-in tasks (MNIST, WBC hemodynamics, angiography) and a
 study's own module (``task: {module: my_task.py}``) all follow:
@@ -41,6 +42,8 @@ BUILTIN_TASKS = {
     "angio": "angio",
     "tabular": "tabular",
     "arrays": "arrays",
+    "images": "images",
+    "dicom": "dicom",
 }
 """Name in experiment configs -> module under ``federation.tasks``."""
 

@@ -12,6 +12,10 @@ Where the angles are looked for, first found wins: the top level (XA), then the 
 functional groups, then the per-frame functional groups (Enhanced XA, PositionerPosition
 Sequence of each frame). Legacy files without the 128-byte preamble and "DICM" prefix (no file
 meta) are read too, when the bytes parse as a DICOM data set.
+
+:func:`open_dicom` (robust opening, truncation detection) and :func:`read_pixels` (decoding,
+rescale slope/intercept, MONOCHROME1, frames) know nothing of XA: the generic ``dicom``
+source (:mod:`federation.tasks.dicom`) reads every modality with them.
 """
 
 from __future__ import annotations
@@ -530,8 +534,8 @@ def _truncation(path: Path, ds: FileDataset, size: int) -> str | None:
     return None
 
 
-def _open(path: Path) -> FileDataset | str:
-    """The data set in ``path``, or why it cannot be read.
+def open_dicom(path: Path) -> FileDataset | str:
+    """The data set in ``path``, or why it cannot be read (any modality).
 
     Files without the 128-byte preamble and "DICM" prefix (legacy writers, some PACS exports)
     that start with a group 0002 (file meta) or 0008 element, as data sets do, are read with
@@ -580,6 +584,50 @@ def _open(path: Path) -> FileDataset | str:
     return ds
 
 
+def read_pixels(ds: Dataset, *, keep_samples: bool = False) -> np.ndarray | str:
+    """The pixel data of ``ds`` (any modality) as float32 frames, or why it is unusable.
+
+    Values are in modality units (RescaleSlope/RescaleIntercept or the Modality LUT applied:
+    Hounsfield units for CT), MONOCHROME1 images are inverted (``max - value``) so that high
+    values are bright as in MONOCHROME2. The frames are counted from the decoded pixel data
+    (pydicom counts them when NumberOfFrames is missing, invalid or too small); a single
+    image is one frame. Shape ``[frames, H, W]`` with colour samples averaged, or, with
+    ``keep_samples``, ``[frames, samples, H, W]`` (RGB for colour images: pydicom converts
+    YBR to RGB).
+    """
+    try:
+        pixels = np.asarray(ds.pixel_array)
+    except Exception as exc:  # missing decoder plugins, malformed encapsulation, ...
+        return f"cannot decode pixel data ({type(exc).__name__}: {exc})"
+    samples = int(ds.get("SamplesPerPixel", 1))
+    if keep_samples:
+        decoded = pixels.shape
+        if samples > 1:
+            if pixels.ndim not in (3, 4) or pixels.shape[-1] != samples:
+                return (
+                    f"pixel data of shape {decoded} is neither [H, W, {samples}] nor "
+                    f"[frames, H, W, {samples}]"
+                )
+            pixels = np.moveaxis(pixels, -1, 0)
+        elif pixels.ndim not in (2, 3):
+            return f"pixel data of shape {decoded} is neither [H, W] nor [frames, H, W]"
+        else:
+            pixels = pixels[None]
+    else:
+        if samples > 1:
+            pixels = pixels.mean(axis=-1)
+        if pixels.ndim not in (2, 3):
+            return f"pixel data of shape {pixels.shape} is neither [H, W] nor [frames, H, W]"
+    pixels = apply_modality_lut(pixels, ds).astype(np.float32)
+    if not np.isfinite(pixels).all():
+        return "RescaleSlope/RescaleIntercept make pixel values non-finite"
+    if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+        pixels = pixels.max() - pixels  # contrast-filled vessels dark, as in MONOCHROME2
+    if keep_samples:  # [samples, (frames,) H, W] -> [frames, samples, H, W]
+        return pixels[None] if pixels.ndim == 3 else np.moveaxis(pixels, 0, 1)
+    return pixels if pixels.ndim == 3 else pixels[None]
+
+
 @dataclass
 class _Record:
     image: np.ndarray
@@ -605,7 +653,7 @@ def _read_one(
     frame: str | int,
 ) -> _Record | str:
     """One usable image, or the reason the file is unusable."""
-    ds = _open(path)
+    ds = open_dicom(path)
     if isinstance(ds, str):
         return ds
     modality, sop = str(ds.get("Modality", "")), ds.get("SOPClassUID")
@@ -647,22 +695,9 @@ def _read_one(
     if view is None and primary is not None and secondary is not None:
         view = view_class(artery, primary, secondary)
 
-    try:
-        pixels = np.asarray(ds.pixel_array)
-    except Exception as exc:  # missing decoder plugins, malformed encapsulation, ...
-        return f"cannot decode pixel data ({type(exc).__name__}: {exc})"
-    if int(ds.get("SamplesPerPixel", 1)) > 1:
-        pixels = pixels.mean(axis=-1)
-    if pixels.ndim not in (2, 3):
-        return f"pixel data of shape {pixels.shape} is neither [H, W] nor [frames, H, W]"
-    pixels = apply_modality_lut(pixels, ds).astype(np.float32)
-    if not np.isfinite(pixels).all():
-        return "RescaleSlope/RescaleIntercept make pixel values non-finite"
-    if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
-        pixels = pixels.max() - pixels  # contrast-filled vessels dark, as in MONOCHROME2
-    # by the decoded shape: pydicom counts the frames the pixel data holds when NumberOfFrames
-    # is missing, invalid or too small
-    frames = pixels if pixels.ndim == 3 else pixels[None]
+    frames = read_pixels(ds)
+    if isinstance(frames, str):
+        return frames
     try:
         chosen = frames[select_frame(frames, frame)]
     except ValueError as exc:  # an index beyond this run's frames
