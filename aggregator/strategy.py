@@ -44,6 +44,8 @@ from federation.aggregation import (
     fedavg,
     statistics_json,
     sum_statistics,
+    validate_arrays,
+    validate_identity,
     validate_update,
 )
 from federation.config import SecureAggregationConfig
@@ -408,8 +410,16 @@ class EncryptedFedAvg(FedAvg):
         replies: list[SiteReply] = []
         for r in result.replies:
             try:
-                replies.append(_secure_reply(r))
-                self._learn(replies[-1])
+                reply = _secure_reply(r)
+                self._learn(reply)
+                # Key agreement is settled below, over the whole sum.
+                validate_identity(
+                    reply.num_examples,
+                    reply.fingerprint,
+                    federation_fingerprint=None,
+                    encrypted=self.encrypted,
+                )
+                replies.append(reply)
             except InvalidUpdate as exc:
                 round_log.refuse(r.node, f"{exc}; it is in the secure sum", "train")
                 return None, None
@@ -434,16 +444,8 @@ class EncryptedFedAvg(FedAvg):
                 INFO, "aggregate_secure: %d sites in the sum, need %d", len(replies), self.min_sites
             )
             return None, None
-        try:
-            validate_update(
-                result.average,
-                sum(u.num_examples for u in replies),
-                self.fingerprint,
-                expected=self.expected,
-                federation_fingerprint=self.fingerprint,
-                encrypted=self.encrypted,
-                counters=self.counters,
-            )
+        try:  # each reply's identity was checked above; the sum has only its arrays
+            validate_arrays(result.average, expected=self.expected, counters=self.counters)
         except InvalidUpdate as exc:
             round_log.refuse(-1, f"the secure sum is malformed: {exc}", "train")
             return None, None

@@ -54,22 +54,14 @@ def counter_names(arrays: Mapping[str, np.ndarray]) -> frozenset[str]:
     return frozenset(k for k, v in arrays.items() if np.issubdtype(v.dtype, np.integer))
 
 
-def validate_update(
+def validate_arrays(
     arrays: Mapping[str, np.ndarray],
-    num_examples: int,
-    fingerprint: str | None,
     *,
     expected: Mapping[str, tuple[int, ...]],
-    federation_fingerprint: str | None,
-    encrypted: bool,
     counters: Collection[str] = (),
 ) -> None:
-    """Refuse anything that is not a finite update of the expected arrays under the key.
-
-    ``counters`` name the arrays that are integers (every other one is floating point).
-    """
-    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
-        raise InvalidUpdate(f"num_examples must be a positive integer, got {num_examples!r}")
+    """Refuse anything but finite arrays of the expected names and shapes; ``counters`` name
+    the arrays that are integers (every other one is floating point)."""
     missing, extra = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
     if missing or extra:
         raise InvalidUpdate(f"arrays differ from the model: missing {missing}, unexpected {extra}")
@@ -83,6 +75,19 @@ def validate_update(
             raise InvalidUpdate(f"'{name}' has dtype {a.dtype}, expected {expected_kind}")
         if not np.isfinite(a).all():
             raise InvalidUpdate(f"'{name}' holds non-finite values")
+
+
+def validate_identity(
+    num_examples: int,
+    fingerprint: str | None,
+    *,
+    federation_fingerprint: str | None,
+    encrypted: bool,
+) -> None:
+    """Refuse a reply without a positive example count, or under another key than the
+    federation's (``federation_fingerprint`` None: not known yet)."""
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
+        raise InvalidUpdate(f"num_examples must be a positive integer, got {num_examples!r}")
     if encrypted:
         if not fingerprint:
             raise InvalidUpdate("the reply carries no key fingerprint")
@@ -93,6 +98,26 @@ def validate_update(
             )
     elif fingerprint:
         raise InvalidUpdate("a plaintext federation received an encrypted update")
+
+
+def validate_update(
+    arrays: Mapping[str, np.ndarray],
+    num_examples: int,
+    fingerprint: str | None,
+    *,
+    expected: Mapping[str, tuple[int, ...]],
+    federation_fingerprint: str | None,
+    encrypted: bool,
+    counters: Collection[str] = (),
+) -> None:
+    """One site's reply: its identity (:func:`validate_identity`), then its arrays."""
+    validate_identity(
+        num_examples,
+        fingerprint,
+        federation_fingerprint=federation_fingerprint,
+        encrypted=encrypted,
+    )
+    validate_arrays(arrays, expected=expected, counters=counters)
 
 
 def fedavg(updates: list[tuple[Mapping[str, np.ndarray], int]]) -> dict[str, np.ndarray]:

@@ -12,6 +12,8 @@ from federation.aggregation import (
     expected_shapes,
     fedavg,
     initial_arrays,
+    validate_arrays,
+    validate_identity,
     validate_update,
 )
 from federation.config import experiment_from_dict
@@ -128,3 +130,17 @@ def test_fedavg_rounds_integer_counters_and_keeps_every_array_an_array() -> None
             encrypted=False,
             counters={"count"},
         )
+
+
+def test_identity_and_arrays_are_checked_apart() -> None:
+    """A secure sum has arrays but no identity of its own; each reply has an identity."""
+    arrays, expected = {"w": np.zeros(2)}, {"w": (2,)}
+    validate_arrays(arrays, expected=expected)
+    with pytest.raises(InvalidUpdate, match="differs from the federation's fp"):
+        validate_identity(3, "other", federation_fingerprint="fp", encrypted=True)
+    with pytest.raises(InvalidUpdate, match="carries no key fingerprint"):
+        validate_identity(3, None, federation_fingerprint=None, encrypted=True)
+    with pytest.raises(InvalidUpdate, match="plaintext federation received an encrypted"):
+        validate_identity(3, "fp", federation_fingerprint=None, encrypted=False)
+    with pytest.raises(InvalidUpdate, match="'w' has shape"):
+        validate_arrays({"w": np.zeros(3)}, expected=expected)
