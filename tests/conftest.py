@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,3 +30,15 @@ def mnist_dir() -> Path:
     if not (SHARED_MNIST / "t10k-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"the shared MNIST test split is not at {SHARED_MNIST}")
     return SHARED_MNIST
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """How many hostile inputs ``test_hostile_inputs`` tried (counted by its ``_tried``),
+    after the run, whatever order the tests ran in."""
+    module = sys.modules.get("test_hostile_inputs")
+    tried = getattr(module, "_TRIED", None)
+    if tried:
+        per_area = ", ".join(f"{area} {n}" for area, n in sorted(tried.items()))
+        terminalreporter.write_line(
+            f"hostile inputs: {sum(tried.values())} cases tried ({per_area})"
+        )

@@ -1050,15 +1050,3 @@ def test_validate_update_against_random_models(
         type(None),
     )
     assert (result is None) == matches
-
-
-# --- Total -----------------------------------------------------------------------------------
-
-
-def test_zz_report_hostile_case_count(capsys: pytest.CaptureFixture[str]) -> None:
-    """Prints the number of hostile cases tried in this session (kept last in the file)."""
-    total = sum(_TRIED.values())
-    per_area = ", ".join(f"{area} {n}" for area, n in sorted(_TRIED.items()))
-    with capsys.disabled():
-        print(f"\nhostile inputs: {total} cases tried ({per_area})")
-    assert total > 0
