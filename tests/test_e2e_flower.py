@@ -315,16 +315,10 @@ def test_a_failed_run_exits_non_zero_with_its_cause_last(tmp_path: Path) -> None
     assert "status: **failed at encrypted round 1" in report
 
 
-def test_bare_flwr_run_installs_nothing_and_fits_flowers_default_node_count(
-    tmp_path: Path,
-) -> None:
-    """`flwr run . --stream` with Flower's defaults: runtime dependency installation on and
-    2 simulated SuperNodes for a 3-site experiment. uv installs nothing, the run uses 2 sites
-    and completes."""
-    experiment = _experiment(
-        tmp_path, "wbc-bare", {"name": "wbc", "options": {"n_samples": 300}}, 3, 1
-    )
-    home = tmp_path / "flwr-home"
+def _bare_flwr_run(app: Path, home: Path, settings: str) -> str:
+    """`flwr run . --stream` in ``app`` with Flower's defaults (runtime dependency
+    installation on, 2 SuperNodes) in a private FLWR_HOME and free local ports; its output.
+    Every process under ``home`` is stopped afterwards."""
     env = deploy.flower_env()
     del env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"]
     env.update(
@@ -332,11 +326,10 @@ def test_bare_flwr_run_installs_nothing_and_fits_flowers_default_node_count(
         FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(_free_port()),
         FLWR_LOCAL_CONTROL_API_PORT=str(_free_port()),
     )
-    settings = f'experiment="{experiment}" output-dir="{tmp_path / "out"}" centralised=false'
     try:
         done = subprocess.run(
             ["flwr", "run", ".", "--stream", "--run-config", settings],
-            cwd=ROOT,
+            cwd=app,
             env=env,
             capture_output=True,
             text=True,
@@ -347,7 +340,21 @@ def test_bare_flwr_run_installs_nothing_and_fits_flowers_default_node_count(
         for pid in _pids_mentioning(str(home)):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-    out = done.stdout + done.stderr
+    return done.stdout + done.stderr
+
+
+def test_bare_flwr_run_installs_nothing_and_fits_flowers_default_node_count(
+    tmp_path: Path,
+) -> None:
+    """`flwr run . --stream` with Flower's defaults: runtime dependency installation on and
+    2 simulated SuperNodes for a 3-site experiment. uv installs nothing, the run uses 2 sites
+    and completes."""
+    experiment = _experiment(
+        tmp_path, "wbc-bare", {"name": "wbc", "options": {"n_samples": 300}}, 3, 1
+    )
+    home = tmp_path / "flwr-home"
+    settings = f'experiment="{experiment}" output-dir="{tmp_path / "out"}" centralised=false'
+    out = _bare_flwr_run(ROOT, home, settings)
     assert "No additional application dependencies needed installation." in out, out
     assert "running 2 sites" in out
     (entry,) = json.loads((tmp_path / "out" / "encrypted" / RunStore.HISTORY).read_text())
@@ -378,29 +385,8 @@ def test_a_new_study_with_its_own_task_and_model_runs_with_bare_flwr_run(tmp_pat
     data["training"]["rounds"] = 2
     (study / "experiment.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")
     home = tmp_path / "flwr-home"
-    env = deploy.flower_env()
-    del env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"]
-    env.update(
-        FLWR_HOME=str(home),
-        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(_free_port()),
-        FLWR_LOCAL_CONTROL_API_PORT=str(_free_port()),
-    )
     settings = f'output-dir="{tmp_path / "out"}"'
-    try:
-        done = subprocess.run(
-            ["flwr", "run", ".", "--stream", "--run-config", settings],
-            cwd=study,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
-    finally:
-        for pid in _pids_mentioning(str(home)):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-    out = done.stdout + done.stderr
+    out = _bare_flwr_run(study, home, settings)
     assert "No additional application dependencies needed installation." in out, out
     report = (tmp_path / "out" / "report.md").read_text()
     assert "status: **completed**" in report, out
