@@ -34,7 +34,13 @@ from flwr.superlink.grid import InMemoryGrid
 
 from aggregator.strategy import EncryptedFedAvg, RoundFailedError, run_rounds
 from federation import protocol
-from federation.aggregation import RunStore, centralised_history, counter_names, initial_arrays
+from federation.aggregation import (
+    RunStore,
+    centralised_history,
+    counter_names,
+    initial_arrays,
+    statistics_json,
+)
 from federation.config import (
     ExperimentConfig,
     experiment_digest,
@@ -128,16 +134,16 @@ def run_mode(
         protocol.EXPERIMENT_DIGEST: digest,
         protocol.NUM_SITES: config.sites.count,
     }
+    store = RunStore(output_dir / mode)
+    if not resume:
+        store.clear()
     if takes_statistics(config):
         if config.federation.secure_aggregation.enabled:
             check_declared_normalisation(config)
         else:
-            strategy.settings[protocol.STATISTICS] = strategy.gather_statistics(
-                grid, settings.round_timeout
-            )
-    store = RunStore(output_dir / mode)
-    if not resume:
-        store.clear()
+            statistics, sites = strategy.gather_statistics(grid, settings.round_timeout)
+            strategy.settings[protocol.STATISTICS] = statistics_json(statistics)
+            store.save_statistics(statistics, sites)
     return run_rounds(
         strategy,
         grid,

@@ -42,13 +42,13 @@ from federation.aggregation import (
     InvalidUpdate,
     RunStore,
     fedavg,
-    statistics_json,
     sum_statistics,
     validate_arrays,
     validate_identity,
     validate_update,
 )
 from federation.config import SecureAggregationConfig
+from federation.tasks.stats import DataStats
 
 
 class RoundFailedError(RuntimeError):
@@ -270,10 +270,10 @@ class EncryptedFedAvg(FedAvg):
         self._sent = list(sent)
         return self._sent
 
-    def gather_statistics(self, grid: Grid, timeout: float) -> str:
+    def gather_statistics(self, grid: Grid, timeout: float) -> tuple[DataStats, int]:
         """The statistics round before round 1: every site sends the counts, sums, sums of
-        squares, min and max of its raw features; their sum, as JSON for every later
-        message. Raises :class:`RoundFailedError` with fewer than ``min_sites`` valid."""
+        squares, min and max of its raw features; their sum and how many sites sent one.
+        Raises :class:`RoundFailedError` with fewer than ``min_sites`` valid."""
         self._await_sites(grid)
         config = self._settings(ConfigRecord({protocol.SERVER_ROUND: 0}))
         self._sent = [
@@ -308,7 +308,7 @@ class EncryptedFedAvg(FedAvg):
                 refused=round_log.refused,
             ) from None
         log(INFO, "statistics: %d sites, %d rows", len(valid), total.features.count)
-        return statistics_json(total)
+        return total, len(valid)
 
     def _by_node(
         self, replies: Iterable[Message], round_log: RoundLog, stage: str

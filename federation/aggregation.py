@@ -160,6 +160,7 @@ class RunStore:
 
     CHECKPOINT = "checkpoint.npz"
     HISTORY = "history.json"
+    STATISTICS = "statistics.json"
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
@@ -197,9 +198,28 @@ class RunStore:
                 "--run-config 'resume=false', to start this run over"
             ) from None
 
+    def save_statistics(self, stats: DataStats, sites: int) -> None:
+        """What the federation's normalisation used (for the report)."""
+        summary = {
+            "sites": sites,
+            "rows": stats.features.count,
+            "mean": [float(v) for v in stats.features.mean],
+            "std": [float(v) for v in stats.features.scale],
+        }
+        atomic_write_bytes(self.directory / self.STATISTICS, json.dumps(summary).encode())
+
+    def load_statistics(self) -> dict | None:
+        path = self.directory / self.STATISTICS
+        if not path.is_file():
+            return None
+        try:
+            return dict(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError):
+            return None
+
     def clear(self) -> None:
-        """Forget this run (starting over): its checkpoint and history."""
-        for name in (self.CHECKPOINT, self.HISTORY):
+        """Forget this run (starting over): its checkpoint, history and statistics."""
+        for name in (self.CHECKPOINT, self.HISTORY, self.STATISTICS):
             (self.directory / name).unlink(missing_ok=True)
 
 

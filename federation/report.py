@@ -159,6 +159,19 @@ def _secure_lines(config: ExperimentConfig, histories: dict[str, list[dict]]) ->
     ]
 
 
+def _normalisation_lines(statistics: dict | None) -> list[str]:
+    """What the sites standardised with, when the federation gathered statistics."""
+    if not statistics:
+        return []
+    mean = ", ".join(f"{v:.4g}" for v in statistics["mean"])
+    std = ", ".join(f"{v:.4g}" for v in statistics["std"])
+    return [
+        f"- normalisation: federation statistics of {statistics['rows']} rows from "
+        f"{statistics['sites']} sites (sent in the clear: per-feature counts, sums, squares "
+        f"and extremes); mean [{mean}], std [{std}]"
+    ]
+
+
 def summary_markdown(
     config: ExperimentConfig,
     histories: dict[str, list[dict]],
@@ -166,6 +179,7 @@ def summary_markdown(
     *,
     fingerprint: str | None,
     failure: Failure | None = None,
+    statistics: dict | None = None,
 ) -> str:
     enc, plain = histories.get(MODE_ENCRYPTED), histories.get(MODE_PLAINTEXT)
     t = config.training
@@ -184,6 +198,7 @@ def summary_markdown(
         f"- runs: {', '.join(f'{m} ({len(h)} rounds)' for m, h in histories.items()) or 'none'}"
         + (f"; centralised reference ({len(centralised)} epochs)" if centralised else ""),
         *_secure_lines(config, histories),
+        *_normalisation_lines(statistics),
         "",
         "## Final test metrics",
         "",
@@ -304,7 +319,12 @@ def write_report(
         for name in (METRICS_PNG, ROUNDS_PNG):
             (output_dir / name).unlink(missing_ok=True)
     text = summary_markdown(
-        config, histories, centralised, fingerprint=fingerprint, failure=failure
+        config,
+        histories,
+        centralised,
+        fingerprint=fingerprint,
+        failure=failure,
+        statistics=RunStore(output_dir / MODE_ENCRYPTED).load_statistics(),
     )
     path = output_dir / REPORT
     atomic_write_bytes(path, text.encode())

@@ -61,6 +61,8 @@ def test_sites_with_their_own_tables_normalise_with_the_federations_statistics(
     checkpoint = RunStore(tmp_path / "out" / protocol.MODE_ENCRYPTED).load_latest()
     assert checkpoint is not None and checkpoint.server_round == 2
     assert checkpoint.fingerprint == generate_key(7).fingerprint
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "normalisation: federation statistics of 400 rows from 3 sites" in report
     # Each site trained on its own rows, standardised with the pooled table's mean and std.
     pooled = load_data(load_experiment(experiment))
     sites = [
