@@ -126,9 +126,8 @@ def _train(args: argparse.Namespace) -> int:
 
     config = load_experiment(args.config)
     key = federation_key(config)
-    model = config.model.factory.reference if config.model.factory else config.model.arch
     print(
-        f"{config.name}: task {config.task.name}, model {model}, "
+        f"{config.name}: task {config.task.name}, model {config.model.name}, "
         f"{config.training.dtype}, key {key.fingerprint}"
     )
     for line in skip_summary(load_data(config)):

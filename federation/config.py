@@ -258,12 +258,19 @@ class ModelFactory:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """``arch`` (the task's ``build_model``) or ``factory`` (a study's function), each
-    called with ``options`` as keyword arguments."""
+    """``arch`` (the task's ``build_model``; ``None``: its default) or ``factory`` (a study's
+    function), each called with ``options`` as keyword arguments."""
 
-    arch: str
+    arch: str | None = None
     options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     factory: ModelFactory | None = None
+
+    @property
+    def name(self) -> str:
+        """How reports name the model."""
+        if self.factory is not None:
+            return self.factory.reference
+        return self.arch or "the task's default"
 
 
 @dataclass(frozen=True)
@@ -384,8 +391,9 @@ def experiment_from_dict(
     t.done()
 
     m = top.child("model")
-    arch = _text(m, "arch", "cnn" if task.name in ("angio", "images", "dicom") else "mlp")
-    model = ModelConfig(arch=arch, options=m.mapping("options"), factory=_factory(m, base))
+    model = ModelConfig(
+        arch=m.string("arch", None), options=m.mapping("options"), factory=_factory(m, base)
+    )
     m.done()
 
     s = top.child("sites")

@@ -142,7 +142,8 @@ def initial_model(config: ExperimentConfig) -> nn.Module:
                 f"{type(model).__name__}, not a torch.nn.Module"
             )
     else:
-        model = task.build_model(config.model.arch, **io, **options)
+        arch = {} if config.model.arch is None else {"arch": config.model.arch}
+        model = task.build_model(**arch, **io, **options)
     return model.to(dtype_of(config))
 
 

@@ -190,7 +190,7 @@ def summary_markdown(
         f"# {config.name}: federated training on MORE-encrypted data",
         "",
         f"- status: **{status}**",
-        f"- task `{config.task.name}`, model `{config.model.arch}`, {config.sites.count} sites "
+        f"- task `{config.task.name}`, model `{config.model.name}`, {config.sites.count} sites "
         f"({config.sites.partition}), {t.rounds} rounds x {t.local_epochs} local epochs, "
         f"batch {t.batch_size}, lr {t.lr}, {t.dtype}, seed {t.seed}",
         f"- at least {config.federation.min_sites} valid updates per round; key fingerprint "

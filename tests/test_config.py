@@ -21,7 +21,9 @@ def test_shipped_experiments_load(path: Path) -> None:
 
 def test_defaults_are_documented_values() -> None:
     cfg = experiment_from_dict({"name": "x", "task": {"name": "angio"}})
-    assert cfg.model.arch == "cnn" and cfg.sites.count == 3 and cfg.training.dtype == "float64"
+    assert cfg.model.arch is None  # the task's build_model default (angio: the cnn)
+    assert cfg.sites.count == 3 and cfg.training.dtype == "float64"
+    assert cfg.model.name == "the task's default"
     assert cfg.federation.encrypted and cfg.encryption.target_shadow == "auto"
     with pytest.raises(TypeError):
         cfg.task.options["x"] = 1  # frozen

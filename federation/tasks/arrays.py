@@ -262,8 +262,6 @@ def load_task_data(
     """The arrays, ready to train: standardised (``normalise`` option) with ``stats`` (the
     federation's; :mod:`federation.tasks.stats`) or the loaded data's own, regression
     targets standardised."""
-    if stats is not None and not isinstance(stats, DataStats | FeatureStats):
-        raise TypeError(f"stats must be DataStats or FeatureStats, got {type(stats).__name__}")
     spec = parse_options(options)
     raw = load_raw(seed=seed, data_dir=data_dir, **options)
     where = str(data_path(spec.file, data_dir))

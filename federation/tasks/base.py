@@ -160,6 +160,16 @@ def partition_sites(
     return sites
 
 
+def quantile_bands(values: np.ndarray, num_sites: int, seed: int) -> list[np.ndarray]:
+    """Rows split into ``num_sites`` contiguous, nearly equal quantile bands of ``values``
+    (ties broken at random, seeded): each site a different range of patients."""
+    if num_sites < 1 or num_sites > len(values):
+        raise ValueError(f"cannot split {len(values)} examples across {num_sites} sites")
+    tie_break = np.random.default_rng(seed).random(len(values))
+    order = np.lexsort((tie_break, values))
+    return [np.sort(part) for part in np.array_split(order, num_sites)]
+
+
 def default_site_partition(
     data: TaskData, *, num_sites: int, scheme: str, seed: int, alpha: float = 0.5
 ) -> list[TaskData]:
@@ -171,12 +181,7 @@ def default_site_partition(
         y = data.y_train.numpy()
         if data.kind == "classification":
             return dirichlet_partition(y, num_sites, alpha, train_seed)
-        values = y.reshape(len(y), -1)[:, 0]
-        if num_sites > len(values):
-            raise ValueError(f"cannot split {len(values)} examples across {num_sites} sites")
-        tie_break = np.random.default_rng(train_seed).random(len(values))
-        order = np.lexsort((tie_break, values))
-        return [np.sort(part) for part in np.array_split(order, num_sites)]
+        return quantile_bands(y.reshape(len(y), -1)[:, 0], num_sites, train_seed)
 
     alpha_used = alpha if data.kind == "classification" else None
     return partition_sites(

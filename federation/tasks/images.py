@@ -431,8 +431,6 @@ def load_task_data(
 ) -> TaskData:
     """The images, ready to train: standardised (``normalise`` option) with ``stats`` (the
     federation's; :mod:`federation.tasks.stats`) or the loaded data's own."""
-    if stats is not None and not isinstance(stats, DataStats | FeatureStats):
-        raise TypeError(f"stats must be DataStats or FeatureStats, got {type(stats).__name__}")
     spec = parse_options(options)
     raw = load_raw(seed=seed, data_dir=data_dir, **options)
     return prepare(raw, stats, declared=spec.normalise, where=str(_root(data_dir)))

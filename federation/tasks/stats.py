@@ -402,6 +402,8 @@ def prepare(
     regression targets by :func:`standardise_targets`. ``stats`` None uses the data's own
     (in a simulation: the federation's); a bare :class:`FeatureStats` covers the features
     and the targets then use the data's own."""
+    if stats is not None and not isinstance(stats, DataStats | FeatureStats):
+        raise TypeError(f"stats must be DataStats or FeatureStats, got {type(stats).__name__}")
     if stats is None:
         stats = data_stats(data)
     elif isinstance(stats, FeatureStats):

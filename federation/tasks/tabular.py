@@ -597,8 +597,6 @@ def load_task_data(
     regression targets standardised, with ``stats`` (the federation's, gathered from every
     site's raw data; see :mod:`federation.tasks.stats`) or, without them, the loaded data's
     own statistics."""
-    if stats is not None and not isinstance(stats, DataStats | FeatureStats):
-        raise TypeError(f"stats must be DataStats or FeatureStats, got {type(stats).__name__}")
     spec, path = _spec_and_path(options, data_dir)
     raw = load_raw(seed=seed, data_dir=data_dir, **options)
     return prepare(raw, stats, declared=spec.normalise, where=str(path))

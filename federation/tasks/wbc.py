@@ -28,7 +28,7 @@ from rich.progress import Progress
 from torch import nn
 
 from federation.atomic import atomic_write
-from federation.tasks.base import TaskData, partition_sites
+from federation.tasks.base import TaskData, partition_sites, quantile_bands
 
 # Bump whenever the model, its parameters or the generator change: it keys the disk cache.
 VERSION = "wbc-1"
@@ -595,15 +595,6 @@ def build_model(arch: str = "mlp", **options: int | str) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _bands(values: np.ndarray, num_sites: int, seed: int) -> list[np.ndarray]:
-    """Split rows into ``num_sites`` contiguous, nearly equal quantile bands of ``values``."""
-    if num_sites < 1 or num_sites > len(values):
-        raise ValueError(f"cannot split {len(values)} examples across {num_sites} sites")
-    tie_break = np.random.default_rng(seed).random(len(values))
-    order = np.lexsort((tie_break, values))
-    return [np.sort(part) for part in np.array_split(order, num_sites)]
-
-
 def site_partition(
     data: TaskData, *, num_sites: int, scheme: str, seed: int, alpha: float = 0.5
 ) -> list[TaskData]:
@@ -622,5 +613,5 @@ def site_partition(
         num_sites=num_sites,
         scheme=scheme,
         seed=seed,
-        non_iid=lambda s: _bands(data.x_train[:, column].numpy(), num_sites, s),
+        non_iid=lambda s: quantile_bands(data.x_train[:, column].numpy(), num_sites, s),
     )
