@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
+from flower_grid import LocalGrid, decrypt_arrays, serve, server_run_config
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
@@ -32,12 +34,15 @@ from pydicom.uid import (
 )
 from torch import nn
 
+from federation import protocol
+from federation.aggregation import RunStore
 from federation.config import experiment_from_dict
 from federation.experiment import initial_model, site_data
 from federation.nn.check import FLOAT64_ABS_TOL, compare_training
 from federation.tasks import dicom, images, models
 from federation.tasks.base import default_site_partition
 from federation.tasks.stats import DataStats, data_stats, prepare
+from sites import client_app
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on cut files
 
@@ -722,3 +727,36 @@ def test_engine_reaches_the_sources_as_task_modules(png_dir, dicom_dir, source) 
     data = site_data(config, 1)
     out = model(data.x_train.to(next(model.parameters()).dtype))
     assert out.shape == (len(data.x_train), len(options["classes"]))
+
+
+@pytest.mark.parametrize("source", ["images", "dicom"])
+def test_image_studies_train_encrypted_in_a_federation_equal_to_plaintext(
+    png_dir, dicom_dir, tmp_path: Path, source: str
+) -> None:
+    """A study on an image folder and one on a DICOM folder, from YAML alone: the statistics
+    round, then encrypted FedAvg that decrypts to plaintext FedAvg (float64)."""
+    folder, options = (png_dir, OPTIONS) if source == "images" else (dicom_dir, DICOM_OPTIONS)
+    experiment = tmp_path / f"{source}.yaml"
+    experiment.write_text(
+        yaml.safe_dump(
+            {
+                "name": f"{source}-study",
+                "task": {"name": source, "data_dir": str(folder), "options": options},
+                "model": {"options": {"channels": [3]}},
+                "sites": {"count": 2},
+                "training": {"rounds": 2, "batch_size": 8, "lr": 0.05, "dtype": "float64"},
+                "output_dir": "out",
+            }
+        ),
+        encoding="utf-8",
+    )
+    nodes = [{"partition-id": i, "num-partitions": 2} for i in range(2)]
+    config = server_run_config(experiment, tmp_path / "out", **{protocol.RUN_BASELINE: True})
+    serve(LocalGrid(client_app.app, nodes, config), config)
+    encrypted = RunStore(tmp_path / "out" / protocol.MODE_ENCRYPTED).load_latest()
+    plaintext = RunStore(tmp_path / "out" / protocol.MODE_PLAINTEXT).load_latest()
+    assert encrypted is not None and plaintext is not None and encrypted.server_round == 2
+    assert "normalisation: federation statistics" in (tmp_path / "out" / "report.md").read_text()
+    decrypted = decrypt_arrays(encrypted.arrays, 1234)
+    for name, value in plaintext.arrays.items():
+        np.testing.assert_allclose(decrypted[name], value, rtol=0, atol=1e-9, err_msg=name)
