@@ -391,9 +391,8 @@ def experiment_from_dict(
     t.done()
 
     m = top.child("model")
-    model = ModelConfig(
-        arch=m.string("arch", None), options=m.mapping("options"), factory=_factory(m, base)
-    )
+    arch = _text(m, "arch") if "arch" in m.data else None  # absent: the task's default
+    model = ModelConfig(arch=arch, options=m.mapping("options"), factory=_factory(m, base))
     m.done()
 
     s = top.child("sites")

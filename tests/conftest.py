@@ -42,3 +42,9 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_line(
             f"hostile inputs: {sum(tried.values())} cases tried ({per_area})"
         )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow end-to-end tests first: on two xdist workers they then start at once and the
+    fast tests fill in around them, instead of one long test finishing alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
