@@ -4,15 +4,27 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from federation.more.keys import MoreKey, generate_key
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """For tests of tiny tensors, where torch's intra-op threads only contend (several
+    times slower): ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

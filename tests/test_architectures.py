@@ -24,14 +24,7 @@ from federation.nn.check import Deviation, compare_training
 from federation.nn.optim import OPTIMIZERS
 from federation.nn.train import train_plain
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: torch's intra-op threads only contend (several times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: threads only contend
 
 
 ACTIVATIONS = {

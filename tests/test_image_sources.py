@@ -44,16 +44,10 @@ from federation.tasks.base import default_site_partition
 from federation.tasks.stats import DataStats, data_stats, prepare
 from sites import client_app
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on cut files
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: torch's intra-op threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),  # pydicom on cut files
+    pytest.mark.usefixtures("one_torch_thread"),  # tiny tensors: threads only contend
+]
 
 
 def _one_line(message: str) -> str:

@@ -25,14 +25,7 @@ from federation.nn.check import Deviation
 from federation.nn.optim import OPTIMIZERS
 from federation.refresh import refresher
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: torch's intra-op threads only contend (several times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: threads only contend
 
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}

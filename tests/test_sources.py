@@ -35,14 +35,7 @@ from federation.tasks.stats import (
     prepare,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: torch's intra-op threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: threads only contend
 
 
 # -- generated data ----------------------------------------------------------------------

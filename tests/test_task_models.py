@@ -25,14 +25,7 @@ from federation.tasks import angio, mnist, wbc
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: torch's intra-op threads only contend (several times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: threads only contend
 
 
 @dataclass(frozen=True)
