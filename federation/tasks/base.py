@@ -88,6 +88,31 @@ class TaskData:
         return result
 
 
+def classification_split(
+    name: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    train: np.ndarray,
+    test: np.ndarray,
+    class_names: tuple[str, ...],
+    info: dict[str, object],
+) -> TaskData:
+    """A classification task from all its rows and the (train, test) row indices; the
+    feature range is the rows' own (raw data, before federation statistics)."""
+    return TaskData(
+        name=name,
+        kind="classification",
+        x_train=x[train],
+        y_train=y[train],
+        x_test=x[test],
+        y_test=y[test],
+        feature_range=(float(x.min()), float(x.max())),
+        num_classes=len(class_names),
+        class_names=tuple(class_names),
+        info=info,
+    )
+
+
 def iid_partition(n: int, num_sites: int, seed: int) -> list[np.ndarray]:
     """Split ``range(n)`` into ``num_sites`` disjoint, nearly equal, shuffled shares."""
     if num_sites < 1 or num_sites > n:

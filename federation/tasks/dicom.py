@@ -68,7 +68,7 @@ from torch import nn
 
 from federation.tasks import models
 from federation.tasks.angio_dicom import open_dicom, read_pixels, select_frame
-from federation.tasks.base import TaskData
+from federation.tasks.base import TaskData, classification_split
 from federation.tasks.images import (
     FITS,
     RESAMPLE,
@@ -547,18 +547,7 @@ def load_raw(*, seed: int = 0, data_dir: str | Path | None = None, **options: An
         "patients": len(set(read.patients)),
         "skipped": read.skipped,
     }
-    return TaskData(
-        name="dicom",
-        kind="classification",
-        x_train=x[train],
-        y_train=y[train],
-        x_test=x[test],
-        y_test=y[test],
-        feature_range=(float(x.min()), float(x.max())),
-        num_classes=len(spec.classes),
-        class_names=spec.classes,
-        info=info,
-    )
+    return classification_split("dicom", x, y, train, test, spec.classes, info)
 
 
 def load_task_data(

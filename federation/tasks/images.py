@@ -61,7 +61,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
 from federation.tasks import models
-from federation.tasks.base import TaskData
+from federation.tasks.base import TaskData, classification_split
 from federation.tasks.stats import DataStats, FeatureStats, prepare, split_indices
 
 PRIVATE_DATA_DIR = True
@@ -408,18 +408,7 @@ def load_raw(*, seed: int = 0, data_dir: str | Path | None = None, **options: An
         "skipped": skipped,
         "ignored": ignored,
     }
-    return TaskData(
-        name="images",
-        kind="classification",
-        x_train=xt[train],
-        y_train=yt[train],
-        x_test=xt[test],
-        y_test=yt[test],
-        feature_range=(float(x.min()), float(x.max())),
-        num_classes=len(spec.classes),
-        class_names=spec.classes,
-        info=info,
-    )
+    return classification_split("images", xt, yt, train, test, spec.classes, info)
 
 
 def load_task_data(
