@@ -139,6 +139,7 @@ def _site(msg: Message, context: Context, app_dir: Path) -> tuple[Site, int]:
         f"{path}#{digest}",
         site_id,
         mode,
+        simulated,  # a deployed site never reuses a simulated one (its key and shadows)
         str(node.get(protocol.NODE_DATA_DIR, "")),
         str(node.get(protocol.NODE_KEY_FILE, "")),
     )

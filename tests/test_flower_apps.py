@@ -117,14 +117,20 @@ def test_evaluate_reply_carries_metrics_only(experiment: Path) -> None:
         ({"partition-id": 0, "num-partitions": 2}, {}, "has 2 nodes but the aggregator runs 3"),
         ({"site-id": 5}, {}, "site id 5 is outside 0..2"),
         ({"site-id": 0}, {protocol.MODE: protocol.MODE_PLAINTEXT}, "refuses to send plaintext"),
-        ({"site-id": 0}, {protocol.FINGERPRINT: "0000-0000-0000-0000"}, "check this site's key"),
+        (
+            {"site-id": 0, "key-file": "<own key>"},
+            {protocol.FINGERPRINT: "0000-0000-0000-0000"},
+            "check this site's key",
+        ),
         ({"site-id": 0, "key-file": "/nonexistent/federation.key"}, {}, "federation.key"),
     ],
     ids=["no-site", "node-count", "bad-site", "plaintext-refused", "foreign-key", "no-key-file"],
 )
 def test_a_site_that_cannot_work_replies_with_an_error(
-    experiment: Path, node_config: dict, config: dict, reason: str
+    experiment: Path, tmp_path: Path, node_config: dict, config: dict, reason: str
 ) -> None:
+    if node_config.get("key-file") == "<own key>":  # a deployed site needs a key file
+        node_config = {**node_config, "key-file": str(save_key(generate_key(5), tmp_path / "k"))}
     reply = client_app.app(_message(experiment, **config), _context(experiment, node_config))
     assert reply.has_error() and not reply.has_content()
     assert reason in reply.error.reason
