@@ -21,7 +21,7 @@ Without TenSEAL the CKKS rows say so instead of failing.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import io
 import platform
 import statistics
@@ -147,17 +147,20 @@ def _task_model(
 
 
 def task_models(sizes: SuiteSizes) -> list[ModelSpec]:
-    """Every task's model at its default options (angiography only where its module exists)."""
+    """Every built-in task model at its default options: the tanh originals and the
+    ReLU / batch-norm / max-pool / residual models."""
     side = get_task("mnist").IMAGE_SIZE
-    specs = [
+    wbc = (len(get_task("wbc").INPUT_RANGES),)
+    angio = sizes.angio_size
+    return [
         _task_model("mnist", "mlp", (1, side, side), "cross_entropy"),
         _task_model("mnist", "cnn", (1, side, side), "cross_entropy"),
-        _task_model("wbc", "mlp", (len(get_task("wbc").INPUT_RANGES),), "mse", (-1.0, 1.0)),
+        _task_model("mnist", "relu-cnn", (1, side, side), "cross_entropy"),
+        _task_model("wbc", "mlp", wbc, "mse", (-1.0, 1.0)),
+        _task_model("wbc", "bn-mlp", wbc, "mse", (-1.0, 1.0)),
+        _task_model("angio", "cnn", (1, angio, angio), "cross_entropy", image_size=angio),
+        _task_model("angio", "resnet", (1, angio, angio), "cross_entropy", image_size=angio),
     ]
-    if importlib.util.find_spec("federation.tasks.angio") is not None:
-        side = sizes.angio_size
-        specs.append(_task_model("angio", "cnn", (1, side, side), "cross_entropy", image_size=side))
-    return specs
 
 
 def _sync(device: torch.device) -> None:
@@ -191,8 +194,10 @@ class _TrainingSteps:
         key = generate_key(seed)
         lo, hi = spec.feature_range
         xs = [lo + (hi - lo) * torch.rand(batch, *spec.input_shape) for _ in range(batches)]
+        self.model.eval()  # batch norm refuses one example in training mode
         with torch.no_grad():
             outputs = int(self.model(xs[0][:1]).shape[-1])
+        self.model.train()
         if spec.loss == "cross_entropy":
             ys = [torch.randint(outputs, (batch,)) for _ in range(batches)]
             targets = [F.one_hot(y, outputs).float() for y in ys]
@@ -756,6 +761,64 @@ def _scaling_table(rows: list[ScalingRow], batches: Sequence[int]) -> list[str]:
     return out
 
 
+def _headline(
+    epochs: list[EpochRow],
+    aggregation: list[AggregationRow],
+    logreg: list[LogRegRow],
+    sizes: SuiteSizes,
+) -> list[str]:
+    """One table of the suite's key figures, plaintext / MORE / CKKS side by side (the
+    README's performance headline). Rows are in the order the benches return them."""
+    schemes = ("plaintext", "MORE", "CKKS (TenSEAL, FLARE-style)")
+
+    def row(what: str, cells: list[str]) -> str:
+        return f"| {what} | " + " | ".join(cells) + " |"
+
+    def wire(r: AggregationRow) -> str:
+        if r.note:
+            return r.note
+        assert r.up_bytes is not None and r.down_bytes is not None
+        return f"{sizes.sites * (r.up_bytes + r.down_bytes) / 2**20:.2f} MiB"
+
+    def costs(r: AggregationRow, first: bool) -> str:
+        if r.note:
+            return "-"
+        parts = [r.encrypt_ms, r.aggregate_ms, r.decrypt_ms]
+        return " / ".join("-" if first and i != 1 else _fmt(v, ".1f") for i, v in enumerate(parts))
+
+    def epoch(r: LogRegRow) -> str:
+        if r.note or r.epoch_s is None:
+            return "-"
+        return f"{r.epoch_s * 1e3:.1f} ms" if r.epoch_s < 1 else f"{r.epoch_s:.1f} s"
+
+    ratios = " / ".join(f"{r.ratio:.1f}" for r in epochs)
+    memory = " / ".join(f"{r.memory_ratio:.1f}" for r in epochs)
+    models = " / ".join(r.model for r in epochs)
+    batches = f"{epochs[0].batches} x {epochs[0].batch}" if epochs else "-"
+    return [
+        "| what | " + " | ".join(schemes) + " |",
+        "|---|---:|---:|---:|",
+        row(
+            f"one FedAvg round, {sizes.sites} sites, MNIST MLP update: bytes on the wire",
+            [wire(r) for r in aggregation],
+        ),
+        row(
+            "same round: encrypt per site / aggregate / decrypt (ms)",
+            [costs(r, i == 0) for i, r in enumerate(aggregation)],
+        ),
+        row(
+            f"logistic regression, {sizes.logreg_train} examples: one epoch",
+            [epoch(r) for r in logreg],
+        ),
+        row(
+            "same: max weight difference vs plaintext",
+            ["-", *(_fmt(r.max_weight_error, ".1e") if not r.note else "-" for r in logreg[1:])],
+        ),
+        row(f"training epoch ({batches}), {models}: time ratio", ["1", ratios, "-"]),
+        row("same: step memory ratio", ["1", memory, "-"]),
+    ]
+
+
 def _png(fig: Figure, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -875,8 +938,10 @@ def _run(out_dir: Path, quick: bool, print_fn: Print) -> Path:
         "",
     ]
 
+    sections: list[str] = []
+
     def section(title: str, body: list[str]) -> None:
-        lines.extend([f"## {title}", "", *body, ""])
+        sections.extend([f"## {title}", "", *body, ""])
         print_fn(f"\n## {title}\n" + "\n".join(body))
 
     cpu = torch.device("cpu")
@@ -962,7 +1027,14 @@ def _run(out_dir: Path, quick: bool, print_fn: Print) -> Path:
         body = ["No CUDA device here: skipped."]
     section(f"5. Training epoch per task model on GPU ({_gpu_name()})", body)
 
-    lines.append(f"Suite run time: {time.perf_counter() - started:.1f} s.")
+    lines += [
+        "## Headline",
+        "",
+        *_headline(epochs, aggregation, logreg, sizes),
+        "",
+        *sections,
+        f"Suite run time: {time.perf_counter() - started:.1f} s.",
+    ]
     report = out_dir / REPORT
     atomic_write_bytes(report, ("\n".join(lines) + "\n").encode())
     print_fn(f"\nwrote {report}")

@@ -58,11 +58,32 @@ def test_training_rows_are_positive_and_encryption_costs_memory(
 ) -> None:
     rows = _rows(suite[1], "1. Training epoch")
     models = [r[0] for r in rows]
-    assert models[:3] == ["mnist mlp", "mnist cnn", "wbc mlp"]
+    assert models == [
+        "mnist mlp", "mnist cnn", "mnist relu-cnn", "wbc mlp", "wbc bn-mlp", "angio cnn",
+        "angio resnet",
+    ]  # fmt: skip
     for row in rows:
         plain_s, enc_s, ratio, plain_mib, enc_mib, memory = map(_number, row[3:9])
         assert min(plain_s, enc_s, ratio, plain_mib, enc_mib) > 0
         assert memory > 3.0  # 4 floats per value, plus the 2x2 activations autograd saves
+    headline = {r[0].split(":")[0]: r for r in _rows(suite[1], "Headline")}
+    ratios = headline[f"training epoch ({QUICK.batches} x {QUICK.batch}), {' / '.join(models)}"]
+    assert [float(v) for v in ratios[2].split(" / ")] == [
+        pytest.approx(_number(r[5]), abs=0.06) for r in rows
+    ]  # the headline repeats section 1's ratios, one decimal
+
+
+def test_headline_sums_up_the_sections(suite: tuple[Path, str, list[str]]) -> None:
+    markdown = suite[1]
+    assert markdown.index("## Headline") < markdown.index("## 1. Training epoch")
+    rows = {r[0]: r[1:] for r in _rows(markdown, "Headline")}
+    wire = rows[f"one FedAvg round, {QUICK.sites} sites, MNIST MLP update: bytes on the wire"]
+    plain, more = (float(c.removesuffix(" MiB")) for c in wire[:2])
+    assert more == pytest.approx(4 * plain, rel=0.02)  # 4 floats per value
+    logreg = rows["same: max weight difference vs plaintext"]
+    assert float(logreg[1]) < 1e-9  # the decrypted MORE model is the plaintext one
+    if HAS_TENSEAL:
+        assert float(logreg[2]) > 1e-3  # CKKS is approximate
 
 
 def test_aggregation_rows(suite: tuple[Path, str, list[str]]) -> None:
