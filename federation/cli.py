@@ -188,11 +188,18 @@ def _inspect(args: argparse.Namespace) -> int:
 def _new(args: argparse.Namespace) -> int:
     from federation.scaffold import new_study
 
-    files = new_study(args.directory, task_module=args.task_module)
+    files = new_study(args.directory, source=args.source, task_module=args.task_module)
     root = files[0].parent
     print(f"wrote the study {root}:")
+    data = [p for p in files if p.relative_to(root).parts[0] == "data"]
     for path in files:
-        print(f"  {path.relative_to(root)}")
+        if path not in data:
+            print(f"  {path.relative_to(root)}")
+    folders = sorted({str(p.parent.relative_to(root)) for p in data})
+    print(
+        f"  sample {args.source} data: {len(data)} file(s) in {', '.join(folders[:3])}"
+        + (", ..." if len(folders) > 3 else "")
+    )
     print(f"next: cd {root} && more-fl train --config experiment.yaml && flwr run . --stream")
     return 0
 
@@ -457,11 +464,19 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "new",
         "make a study: its own Flower app on top of more-fl",
-        "Writes DIR with an experiment YAML (every key commented), a sample patient table in "
-        "data/, the Flower app module and pyproject, and a README with the two commands; "
+        "Writes DIR with an experiment YAML (every key commented), sample data in data/ (a "
+        "patient table, image folders or DICOM files: --source), the Flower app module and "
+        "pyproject, and a README with the two commands; "
         "`cd DIR && flwr run . --stream` runs it. DIR must not exist or be empty.",
     )
     p.add_argument("directory", type=Path, metavar="DIR", help="the new study's folder")
+    p.add_argument(
+        "--source",
+        choices=("tabular", "images", "dicom"),  # federation.scaffold.SOURCES (numpy-free here)
+        default="tabular",
+        help="the sample data and task: a patient table (default), image folders per class, "
+        "or DICOM files with a labels CSV",
+    )
     p.add_argument(
         "--task-module",
         action="store_true",

@@ -14,7 +14,7 @@ from federation import cli, protocol
 from federation.aggregation import RunStore
 from federation.config import ConfigError, experiment_fields, load_experiment
 from federation.experiment import initial_model, site_data
-from federation.scaffold import ScaffoldError, new_study
+from federation.scaffold import SOURCES, ScaffoldError, new_study
 from federation.tasks import TaskLoadError
 from sites import client_app
 
@@ -156,11 +156,12 @@ def _leaves(config_fields: dict) -> set[str]:
     return {key.rsplit(".", 1)[-1] for key in config_fields}
 
 
+@pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("task_module", [False, True], ids=["yaml-only", "task-module"])
 def test_new_writes_a_study_whose_experiment_loads_and_names_every_key(
-    tmp_path: Path, task_module: bool
+    tmp_path: Path, task_module: bool, source: str
 ) -> None:
-    files = new_study(tmp_path / "My Study", task_module=task_module)
+    files = new_study(tmp_path / "My Study", source=source, task_module=task_module)
     root = tmp_path / "My Study"
     assert (root / "task.py" in files) == task_module
     pyproject = tomllib.loads((root / "pyproject.toml").read_text())
@@ -173,9 +174,42 @@ def test_new_writes_a_study_whose_experiment_loads_and_names_every_key(
     missing = [k for k in _leaves(experiment_fields(config)) if f"{k}:" not in text]
     assert not missing, f"keys without a line in the scaffold: {missing}"
     data = site_data(config, 0)
-    assert data.kind == "classification" and data.info["missing"]["cells_imputed"]
+    assert data.kind == "classification" and data.num_classes == 2
+    if source == "tabular":
+        assert data.info["missing"]["cells_imputed"]
+    else:
+        assert tuple(data.x_train.shape[1:]) == (1, 16, 16)
+        assert not data.info.get("skipped")  # every sample file is usable
     model = initial_model(config)
     assert model(data.x_train[:4].double()).shape == (4, 2)
+
+
+def test_the_clis_source_choices_are_the_scaffolds() -> None:
+    new = cli.build_parser()._subparsers._group_actions[0].choices["new"]  # type: ignore[union-attr]
+    (source,) = [a for a in new._actions if a.dest == "source"]
+    assert tuple(source.choices) == SOURCES
+
+
+@pytest.mark.parametrize("source", ["images", "dicom"])
+def test_an_image_study_made_by_new_trains_encrypted_equal_to_plaintext(
+    tmp_path: Path, source: str
+) -> None:
+    """`more-fl new --source images|dicom` and its YAML alone (fewer rounds here): the
+    statistics round, then encrypted FedAvg that decrypts to plaintext FedAvg."""
+    new_study(tmp_path / "study", source=source)
+    experiment = tmp_path / "study" / "experiment.yaml"
+    text = experiment.read_text(encoding="utf-8")
+    assert "  rounds: 5" in text
+    experiment.write_text(text.replace("  rounds: 5", "  rounds: 2"), encoding="utf-8")
+    config = server_run_config(experiment, tmp_path / "out", **{protocol.RUN_BASELINE: True})
+    serve(LocalGrid(client_app.app, SIMULATED, config), config)
+    encrypted = RunStore(tmp_path / "out" / protocol.MODE_ENCRYPTED).load_latest()
+    plaintext = RunStore(tmp_path / "out" / protocol.MODE_PLAINTEXT).load_latest()
+    assert encrypted is not None and plaintext is not None and encrypted.server_round == 2
+    assert "normalisation: federation statistics" in (tmp_path / "out" / "report.md").read_text()
+    decrypted = decrypt_arrays(encrypted.arrays, 1234)
+    for name, value in plaintext.arrays.items():
+        np.testing.assert_allclose(decrypted[name], value, rtol=0, atol=1e-9, err_msg=name)
 
 
 def test_new_refuses_a_folder_that_holds_anything_and_leaves_it_alone(tmp_path: Path) -> None:

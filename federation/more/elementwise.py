@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -47,58 +46,62 @@ FnPair = tuple[ElementFn, ElementFn]
 _TAU = 4.0  # degenerate-block threshold, in units of eps (|t| + |M|)
 
 
-@dataclass(frozen=True)
-class _Spectrum:
-    """Each block's eigenvalues ``t +- s`` and traceless part ``M``."""
+def _coefficients(entries: torch.Tensor, f: ElementFn) -> tuple[torch.Tensor, ...]:
+    """``A``, ``B`` of ``f(C) = A I + B M`` for every block, and ``M``'s entries ``h, b, c``
+    (``M = [[h, b], [c, -h]]``). Each step is one element-wise kernel on the blocks' entries;
+    nothing of size ``[..., 2, 2]`` is formed until the caller assembles its result."""
+    a, b = entries[..., 0, 0], entries[..., 0, 1]
+    c, d = entries[..., 1, 0], entries[..., 1, 1]
+    t = 0.5 * (a + d)
+    h = 0.5 * (a - d)
+    size = torch.maximum(torch.maximum(h.abs(), b.abs()), c.abs())
+    unit = torch.where(size > 0, size, 1.0)
+    hn, bn, cn = h / unit, b / unit, c / unit
+    s = size * (hn * hn + bn * cn).clamp_min(0.0).sqrt()
+    degenerate = s <= _TAU * torch.finfo(entries.dtype).eps * (t.abs() + size)
+    hi, lo = t + s, t - s
+    values = f(torch.stack((hi, lo))).to(entries.dtype)
+    f_hi, f_lo = values[0], values[1]
+    width = torch.where(degenerate, 1.0, hi - lo)  # the rounded distance of the points
+    big_a = 0.5 * (f_hi + f_lo)
+    big_b = torch.where(degenerate, 0.0, (f_hi - f_lo) / width)
+    return big_a, big_b, h, b, c
 
-    traceless: torch.Tensor  # M = [[h, b], [c, -h]], [..., 2, 2]
-    points: torch.Tensor  # stacked (t + s, t - s)
-    width: torch.Tensor  # (t + s) - (t - s) as rounded, 1 where degenerate
-    degenerate: torch.Tensor  # s <= tau: the channels agree within round-off
 
-    @classmethod
-    def of(cls, entries: torch.Tensor) -> _Spectrum:
-        a, b = entries[..., 0, 0], entries[..., 0, 1]
-        c, d = entries[..., 1, 0], entries[..., 1, 1]
-        t = 0.5 * (a + d)
-        h = 0.5 * (a - d)
-        size = torch.maximum(torch.maximum(h.abs(), b.abs()), c.abs())
-        unit = torch.where(size > 0, size, torch.ones_like(size))
-        hn, bn, cn = h / unit, b / unit, c / unit
-        s = size * (hn * hn + bn * cn).clamp_min(0.0).sqrt()
-        tau = _TAU * torch.finfo(entries.dtype).eps * (t.abs() + size)
-        degenerate = s <= tau
-        hi, lo = t + s, t - s
-        width = torch.where(degenerate, torch.ones_like(s), hi - lo)
-        traceless = entries.detach().clone()
-        traceless[..., 0, 0] = h
-        traceless[..., 1, 1] = -h
-        return cls(traceless, torch.stack((hi, lo)), width, degenerate)
-
-    def combine(self, values: torch.Tensor) -> torch.Tensor:
-        """The blocks ``A I + B M`` from a function's values at both eigenvalues."""
-        values = values.to(self.traceless.dtype)
-        hi, lo = values[0], values[1]
-        a = 0.5 * (hi + lo)
-        b = torch.where(self.degenerate, torch.zeros_like(a), (hi - lo) / self.width)
-        eye = torch.eye(2, dtype=a.dtype, device=a.device)
-        return b[..., None, None] * self.traceless + a[..., None, None] * eye
+def _blocks(p: torch.Tensor, q: torch.Tensor, r: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The blocks ``[[p, q], [r, u]]``."""
+    return torch.stack((p, q, r, u), dim=-1).unflatten(-1, (2, 2))
 
 
 class _Channelwise(torch.autograd.Function):
-    """``f(C)`` with the algebra's chain rule ``grad_C = f'(C)^T grad_Y``; ``f'(C)`` is only
-    formed in the backward pass, so inference pays for ``f`` alone."""
+    """``f(C)`` with the algebra's chain rule ``grad_C = f'(C)^T grad_Y``.
+
+    Only the input blocks are saved (4 numbers per value, the least the backward pass can
+    start from); ``f'(C)`` is recomputed there, so inference pays for ``f`` alone and a
+    training step holds no spectrum between its passes. ``f'(C)^T grad_Y`` is written out
+    entry by entry instead of as a batched 2x2 matmul."""
 
     @staticmethod
     def forward(ctx: Any, entries: torch.Tensor, f: ElementFn, df: ElementFn) -> torch.Tensor:
-        spec = _Spectrum.of(entries)
-        ctx.spec, ctx.df = spec, df
-        return spec.combine(f(spec.points))
+        ctx.save_for_backward(entries)
+        ctx.df = df
+        big_a, big_b, h, b, c = _coefficients(entries, f)
+        bh = big_b * h
+        return _blocks(big_a + bh, big_b * b, big_b * c, big_a - bh)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        spec: _Spectrum = ctx.spec
-        return torch.matmul(spec.combine(ctx.df(spec.points)).mT, grad), None, None
+        (entries,) = ctx.saved_tensors
+        big_a, big_b, h, b, c = _coefficients(entries, ctx.df)
+        bh = big_b * h
+        p, q, r, u = big_a + bh, big_b * c, big_b * b, big_a - bh  # f'(C)^T
+        g00, g01 = grad[..., 0, 0], grad[..., 0, 1]
+        g10, g11 = grad[..., 1, 0], grad[..., 1, 1]
+        return (
+            _blocks(p * g00 + q * g10, p * g01 + q * g11, r * g00 + u * g10, r * g01 + u * g11),
+            None,
+            None,
+        )
 
 
 def channelwise(entries: torch.Tensor, f: ElementFn, df: ElementFn) -> torch.Tensor:
