@@ -161,7 +161,7 @@ def bench_one(
         out.backward(grad)
         eopt.step()
         params = list(twin.parameters())
-        bufs = [b.entries for b in eopt.momentum_buffers()]
+        bufs = [b.entries for b in eopt.encrypted_state()]
         return [ex.entries, *params, *(p.grad for p in params), *bufs]
 
     for _ in range(2):

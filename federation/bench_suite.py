@@ -248,7 +248,7 @@ class _TrainingSteps:
         self.eopt.step()
         params = list(self.twin.parameters())
         grads = [p.grad for p in params if p.grad is not None]
-        return [x.entries, *params, *grads, *(b.entries for b in self.eopt.momentum_buffers())]
+        return [x.entries, *params, *grads, *(b.entries for b in self.eopt.encrypted_state())]
 
 
 def bench_epoch(

@@ -41,14 +41,8 @@ from federation.config import (
     load_experiment,
 )
 from federation.more.keys import KEY_FORMAT, KeyFileError, MoreKey, generate_key, load_key, save_key
+from federation.tasks import angio_dicom
 from federation.tasks.mnist import MnistDataError, load_task_data, read_idx
-
-try:
-    from federation.tasks import angio_dicom
-except ImportError:  # the DICOM reader may be absent from a partial checkout
-    angio_dicom = None
-
-needs_dicom = pytest.mark.skipif(angio_dicom is None, reason="federation.tasks.angio_dicom absent")
 
 pytestmark = [  # pydicom and numpy warn about the hostile values themselves
     pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -741,7 +735,6 @@ def _read_xa_blob(blob: bytes) -> None:
         _read_dicom_folder(folder, 1)
 
 
-@needs_dicom
 @FUZZ
 @given(blobs=st.lists(st.binary(max_size=400), min_size=1, max_size=3), preamble=st.booleans())
 def test_dicom_reader_skips_random_bytes(blobs: list[bytes], preamble: bool) -> None:
@@ -753,7 +746,6 @@ def test_dicom_reader_skips_random_bytes(blobs: list[bytes], preamble: bool) -> 
         _read_dicom_folder(folder, len(blobs))
 
 
-@needs_dicom
 @FUZZ
 @given(which=st.sampled_from(["single", "cine"]), cut=st.floats(0.0, 1.0))
 def test_dicom_reader_skips_truncated_files(xa_files: _XaFiles, which: str, cut: float) -> None:
@@ -765,7 +757,6 @@ def test_dicom_reader_skips_truncated_files(xa_files: _XaFiles, which: str, cut:
         assert len(data) == 0 and len(skipped) == 1 and skipped[0][1]
 
 
-@needs_dicom
 @settings(FUZZ, max_examples=120)
 @given(which=st.sampled_from(["single", "cine"]), header_only=st.booleans(), data=st.data())
 def test_dicom_reader_skips_mutated_files(
@@ -818,7 +809,6 @@ def _patch_text(blob: bytes, keyword: str, value: bytes) -> bytes | None:
     return blob[: at + 6] + len(value).to_bytes(2, "little") + value + blob[at + 8 + length :]
 
 
-@needs_dicom
 @settings(FUZZ, max_examples=80)
 @given(
     which=st.sampled_from(["single", "cine"]),
@@ -848,7 +838,6 @@ def test_dicom_reader_skips_hostile_elements(
     _read_xa_blob(blob)
 
 
-@needs_dicom
 @pytest.mark.parametrize(
     ("which", "keyword", "value"),
     [
@@ -870,7 +859,6 @@ def test_dicom_reader_counts_frames_in_pixel_data_longer_than_declared(
     assert len(data) == 1
 
 
-@needs_dicom
 def test_dicom_reader_skips_unconvertible_elements(xa_files: _XaFiles, tmp_path: Path) -> None:
     _tried("dicom")
     station = b"\x08\x00\x10\x10SH"  # (0008,1010) StationName, VR SH
@@ -883,7 +871,6 @@ def test_dicom_reader_skips_unconvertible_elements(xa_files: _XaFiles, tmp_path:
     assert skipped[0][1].startswith("unusable DICOM (NotImplementedError")
 
 
-@needs_dicom
 @pytest.mark.parametrize(("slope", "intercept"), [("nan", "0"), ("1e300", "0"), ("1", "inf")])
 def test_dicom_reader_skips_non_finite_rescaled_pixels(
     xa_files: _XaFiles, tmp_path: Path, slope: str, intercept: str
@@ -896,7 +883,6 @@ def test_dicom_reader_skips_non_finite_rescaled_pixels(
     assert skipped[0][1] == "RescaleSlope/RescaleIntercept make pixel values non-finite"
 
 
-@needs_dicom
 def test_failed_dicom_write_leaves_no_partial_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

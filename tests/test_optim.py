@@ -96,7 +96,7 @@ def test_sgd_matches_torch(key, hyper, dtype) -> None:
     pair.step(5)
     _check(pair.params(), dtype)
     _check(pair.state(), dtype)
-    assert len(pair.eopt.momentum_buffers()) == (4 if hyper.get("momentum") else 0)
+    assert len(pair.eopt.encrypted_state()) == (4 if hyper.get("momentum") else 0)
 
 
 ADAM_CONFIGS = [

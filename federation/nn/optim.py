@@ -76,10 +76,6 @@ class EncryptedOptimizer(torch.optim.Optimizer):
             if k in state
         ]
 
-    def momentum_buffers(self) -> list[EncryptedTensor]:
-        """The encrypted state, under the name the trainer's refresh hook uses."""
-        return self.encrypted_state()
-
     def fresh_state(self, p: nn.Parameter, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The state ``p`` would have before its first step, as zeros (key-free ciphertexts
         of 0), so that a federation can send it like any other state."""

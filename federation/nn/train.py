@@ -39,8 +39,8 @@ __all__ = [
 class TrainingDivergedError(RuntimeError):
     """A loss gradient became non-finite; the model holds the last finite parameters.
 
-    A site (which holds the key) can then tell which channel diverged with
-    :func:`federation.more.health.check_model`.
+    A site (which holds the key) can then tell which layer and channel diverged with
+    :func:`federation.more.health.diagnose`.
     """
 
     def __init__(self, epoch: int, step: int) -> None:
