@@ -49,7 +49,7 @@ from federation.config import (
     load_experiment,
     with_site_count,
 )
-from federation.experiment import check_declared_normalisation, takes_statistics
+from federation.experiment import takes_statistics
 from federation.report import Failure, clear_report, closing_summary, write_report
 from federation.rundir import RunDirError, RunLock, check_resume
 from federation.runtime import check_app_environment
@@ -138,12 +138,16 @@ def run_mode(
     if not resume:
         store.clear()
     if takes_statistics(config):
-        if config.federation.secure_aggregation.enabled:
-            check_declared_normalisation(config)
+        secure = config.federation.secure_aggregation
+        accuracy = None
+        if secure.enabled:  # summed by SecAgg+ too: the aggregator sees federation averages
+            statistics, sites, accuracy = strategy.gather_secure_statistics(
+                grid, settings.round_timeout, secure
+            )
         else:
             statistics, sites = strategy.gather_statistics(grid, settings.round_timeout)
-            strategy.settings[protocol.STATISTICS] = statistics_json(statistics)
-            store.save_statistics(statistics, sites)
+        strategy.settings[protocol.STATISTICS] = statistics_json(statistics)
+        store.save_statistics(statistics, sites, secure=accuracy)
     return run_rounds(
         strategy,
         grid,

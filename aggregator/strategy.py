@@ -14,11 +14,12 @@ loop (``Strategy.start`` cannot resume from a checkpoint nor stop on a failed ro
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from logging import INFO, WARNING
 from typing import Any
 
@@ -48,7 +49,16 @@ from federation.aggregation import (
     validate_update,
 )
 from federation.config import SecureAggregationConfig
+from federation.secure_stats import SecureStatistics, StatisticsShape
 from federation.tasks.stats import DataStats
+
+
+class _PassDropout(Exception):
+    """Sites left a secure statistics pass (node -> why): the passes start over without them."""
+
+    def __init__(self, dropped: dict[int, str]) -> None:
+        super().__init__(", ".join(f"node {n}: {r}" for n, r in dropped.items()))
+        self.dropped = dropped
 
 
 class RoundFailedError(RuntimeError):
@@ -309,6 +319,146 @@ class EncryptedFedAvg(FedAvg):
             ) from None
         log(INFO, "statistics: %d sites, %d rows", len(valid), total.features.count)
         return total, len(valid)
+
+    def gather_secure_statistics(
+        self, grid: Grid, timeout: float, secure: SecureAggregationConfig
+    ) -> tuple[DataStats, int, dict[str, object]]:
+        """The statistics round under secure aggregation: a clear query for each site's row
+        count and data sizes only, then the passes of :mod:`federation.secure_stats`, each a
+        SecAgg+ round, so the aggregator sees federation averages and never a site's own
+        numbers. Returns the statistics, the site count and their accuracy. A site that
+        drops out is left out and the passes start over; :class:`RoundFailedError` with
+        fewer than ``min_sites``."""
+        self._await_sites(grid)
+        round_log = RoundLog(sites=self.sites)
+
+        def fail(reason: str) -> RoundFailedError:
+            return RoundFailedError(
+                f"the statistics round failed: {reason}",
+                mode=self.mode,
+                server_round=0,
+                refused=round_log.refused,
+            )
+
+        shapes = self._statistics_shapes(grid, timeout, round_log)
+        counts = Counter(shape for _, shape in shapes.values())
+        if not counts:
+            raise fail(f"0 sites sent their data sizes, {self.min_sites} needed")
+        shape = counts.most_common(1)[0][0]
+        rows = {}
+        for node, (n, other) in shapes.items():
+            if other == shape:
+                rows[node] = n
+            else:
+                round_log.refuse(
+                    node, f"its data has sizes {other}, the federation's {shape}", "statistics"
+                )
+        while True:
+            if len(rows) < self.min_sites:
+                raise fail(f"{len(rows)} sites in the secure statistics, {self.min_sites} needed")
+            try:
+                gathering = self._secure_passes(grid, rows, shape, secure, timeout)
+            except _PassDropout as exc:
+                for node, reason in exc.dropped.items():
+                    round_log.refuse(node, f"left the secure statistics: {reason}", "statistics")
+                    rows.pop(node, None)
+                continue
+            except (InvalidUpdate, ValueError) as exc:
+                raise fail(str(exc)) from None
+            stats = gathering.result()
+            log(
+                INFO,
+                "secure statistics: %d sites, %d rows, error bound %.2e per average",
+                len(rows),
+                sum(rows.values()),
+                gathering.bound,
+            )
+            return stats, len(rows), gathering.accuracy
+
+    def _statistics_shapes(
+        self, grid: Grid, timeout: float, round_log: RoundLog
+    ) -> dict[int, tuple[int, StatisticsShape]]:
+        """Each answering node's row count and data sizes (the clear part of the query)."""
+        config = self._settings(
+            ConfigRecord(
+                {protocol.SERVER_ROUND: 0, protocol.STATISTICS_PASS: protocol.STATISTICS_SHAPE}
+            )
+        )
+        self._sent = [
+            Message(
+                RecordDict({protocol.CONFIG: ConfigRecord(dict(config))}),
+                dst_node_id=node,
+                message_type=MessageType.QUERY,
+            )
+            for node in grid.get_node_ids()
+        ]
+        shapes = {}
+        for node, msg in self._by_node(
+            grid.send_and_receive(self._sent, timeout=timeout), round_log, "statistics"
+        ):
+            try:
+                reply = _unpack(msg, node, with_arrays=False)
+                self._learn(reply)
+                shapes[node] = (reply.num_examples, StatisticsShape.from_metrics(reply.metrics))
+            except (InvalidUpdate, ValueError) as exc:
+                round_log.refuse(node, str(exc), "statistics")
+        return shapes
+
+    def _secure_passes(
+        self,
+        grid: Grid,
+        rows: Mapping[int, int],
+        shape: StatisticsShape,
+        secure: SecureAggregationConfig,
+        timeout: float,
+    ) -> SecureStatistics:
+        """Every pass through SecAgg+ over the nodes in ``rows``; :class:`_PassDropout` if
+        one leaves (the averages of the passes must be over the same sites)."""
+        nodes = sorted(rows)
+        gathering = SecureStatistics(shape, [rows[n] for n in nodes])
+        # Every entry lies in [-1, 1] and each site's weight is its rows over the largest
+        # count: the tightest quantisation, whatever the training updates need.
+        settings = replace(secure, clipping_range=1.0, max_weight=float(max(rows.values())))
+        while (name := gathering.next_pass) is not None:
+            config = self._settings(
+                ConfigRecord(
+                    {
+                        protocol.SERVER_ROUND: 0,
+                        protocol.STATISTICS_PASS: name,
+                        protocol.STATISTICS_PARAMETERS: json.dumps(gathering.parameters()),
+                    }
+                )
+            )
+            template = ArrayRecord({k: Array(v) for k, v in gathering.template().items()})
+            sent = [
+                Message(
+                    RecordDict(
+                        {protocol.ARRAYS: template, protocol.CONFIG: ConfigRecord(dict(config))}
+                    ),
+                    dst_node_id=node,
+                    message_type=MessageType.TRAIN,
+                )
+                for node in nodes
+            ]
+            result = secure_round(grid, sent, 0, settings, timeout)
+            dropped = {
+                node: result.errors.get(node, "left the protocol") for node in result.dropped
+            }
+            for r in result.replies:
+                reply = _secure_reply(r)  # InvalidUpdate for a malformed one: the sum is spoilt
+                self._learn(reply)
+                if reply.num_examples != rows[r.node]:
+                    dropped[r.node] = (
+                        f"it weighted pass {name!r} by {reply.num_examples} rows, "
+                        f"not the {rows[r.node]} it reported"
+                    )
+            if dropped:
+                raise _PassDropout(dropped)
+            if result.average is None:
+                raise InvalidUpdate(f"SecAgg+ halted in pass {name!r}")
+            gathering.absorb(result.average, result.bound)
+            log(INFO, "secure statistics: pass %s done", name)
+        return gathering
 
     def _by_node(
         self, replies: Iterable[Message], round_log: RoundLog, stage: str

@@ -198,14 +198,20 @@ class RunStore:
                 "--run-config 'resume=false', to start this run over"
             ) from None
 
-    def save_statistics(self, stats: DataStats, sites: int) -> None:
-        """What the federation's normalisation used (for the report)."""
-        summary = {
+    def save_statistics(
+        self, stats: DataStats, sites: int, *, secure: Mapping[str, object] | None = None
+    ) -> None:
+        """What the federation's normalisation used (for the report). ``secure``: the
+        statistics were summed by SecAgg+, with this accuracy
+        (:attr:`federation.secure_stats.SecureStatistics.accuracy`)."""
+        summary: dict[str, object] = {
             "sites": sites,
             "rows": stats.features.count,
             "mean": [float(v) for v in stats.features.mean],
             "std": [float(v) for v in stats.features.scale],
         }
+        if secure is not None:
+            summary["secure"] = dict(secure)
         atomic_write_bytes(self.directory / self.STATISTICS, json.dumps(summary).encode())
 
     def load_statistics(self) -> dict | None:

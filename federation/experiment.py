@@ -106,19 +106,6 @@ def takes_statistics(config: ExperimentConfig) -> bool:
     return callable(getattr(task_of(config), "load_raw", None))
 
 
-def check_declared_normalisation(config: ExperimentConfig) -> None:
-    """Secure aggregation hides each site's update, but the statistics round would show the
-    aggregator each site's per-feature counts, sums and extremes: such a run must declare
-    the normalisation instead."""
-    declared = thaw(config.task.options).get("normalise", "auto")
-    if declared == "auto":
-        raise ValueError(
-            f"{config.source}: with federation.secure_aggregation on, declare "
-            "'task.options.normalise' ({mean: [...], std: [...]} or none): federation "
-            "statistics would show the aggregator every site's feature sums and extremes"
-        )
-
-
 def with_statistics(config: ExperimentConfig, raw: TaskData, stats: DataStats) -> TaskData:
     """A site's raw data normalised with the federation's statistics (or the declared
     values of ``task.options.normalise``)."""
@@ -221,10 +208,20 @@ class EncryptedSplit:
     fingerprint: str
 
 
-def encrypt_data(
-    config: ExperimentConfig, data: TaskData, key: MoreKey, seed: int | None
-) -> EncryptedSplit:
-    """The site's data under ``key``; ``seed=None`` draws the shadows from OS randomness."""
+@dataclass(frozen=True)
+class EncryptionInputs:
+    """Exactly what :func:`encrypt_data` encrypts, and with which shadow policies (one
+    definition, so a cache of the ciphertexts can digest the same tensors)."""
+
+    x_train: torch.Tensor
+    targets: torch.Tensor
+    x_test: torch.Tensor
+    features: FeatureRange
+    target: ShadowPolicy
+
+
+def encryption_inputs(config: ExperimentConfig, data: TaskData) -> EncryptionInputs:
+    """The site's plain tensors in the run's dtype (targets one-hot for classes)."""
     dtype = dtype_of(config)
     lo, hi = data.feature_range
     policy = target_policy(config, data)
@@ -232,15 +229,20 @@ def encrypt_data(
         targets = torch.nn.functional.one_hot(data.y_train.long(), policy.num_classes).to(dtype)
     else:
         targets = data.y_train.to(dtype)
+    return EncryptionInputs(
+        data.x_train.to(dtype), targets, data.x_test.to(dtype), FeatureRange(lo, hi), policy
+    )
+
+
+def encrypt_data(
+    config: ExperimentConfig, data: TaskData, key: MoreKey, seed: int | None
+) -> EncryptedSplit:
+    """The site's data under ``key``; ``seed=None`` draws the shadows from OS randomness."""
+    plain = encryption_inputs(config, data)
     return EncryptedSplit(
-        x_train=encrypt(data.x_train.to(dtype), key, FeatureRange(lo, hi), seed=seed),
-        y_train=encrypt(targets, key, policy, seed=None if seed is None else seed + 1),
-        x_test=encrypt(
-            data.x_test.to(dtype),
-            key,
-            FeatureRange(lo, hi),
-            seed=None if seed is None else seed + 2,
-        ),
+        x_train=encrypt(plain.x_train, key, plain.features, seed=seed),
+        y_train=encrypt(plain.targets, key, plain.target, seed=None if seed is None else seed + 1),
+        x_test=encrypt(plain.x_test, key, plain.features, seed=None if seed is None else seed + 2),
         fingerprint=key.fingerprint,
     )
 

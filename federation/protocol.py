@@ -22,6 +22,7 @@ Secure aggregation (``federation.secure_aggregation``) runs Flower's SecAgg+ aro
 train message: its four stages are train messages carrying Flower's ``secaggplus_configs``
 record; the third also carries ARRAYS and CONFIG as above, and the site's reply is Flower's
 legacy ``fitres`` (masked integer vectors only; METRICS and SITE entries become its metrics).
+Federation statistics then come in SecAgg+ rounds too (STATISTICS_PASS below).
 """
 
 from __future__ import annotations
@@ -34,6 +35,18 @@ SITE = "site"
 STATISTICS = "statistics"
 """A site's feature statistics (reply to the statistics query, an ArrayRecord); and, in every
 later message's CONFIG, the federation's sum of them as JSON (see ``federation.tasks.stats``)."""
+
+# Secure statistics (``federation.secure_stats``): the query's CONFIG carries STATISTICS_PASS
+# = STATISTICS_SHAPE, and the site answers with only its row count (NUM_EXAMPLES) and the
+# STATISTICS_FEATURES/PER_ROW/TARGETS sizes in METRICS; then each pass is a SecAgg+ train
+# round whose CONFIG carries STATISTICS_PASS = the pass's name and STATISTICS_PARAMETERS (its
+# public scales, JSON), and whose ARRAYS are zeros shaped like the site's reply vectors.
+STATISTICS_PASS = "statistics-pass"
+STATISTICS_SHAPE = "shape"
+STATISTICS_PARAMETERS = "statistics-parameters"
+STATISTICS_FEATURES = "statistics-features"
+STATISTICS_PER_ROW = "statistics-per-row"
+STATISTICS_TARGETS = "statistics-targets"
 
 # ConfigRecord entries sent to sites (FINGERPRINT below too, once the federation's is known).
 SERVER_ROUND = "server-round"
@@ -61,6 +74,9 @@ SITE_ID = "site-id"
 NODE_SITE_ID = "site-id"
 NODE_DATA_DIR = "data-dir"
 NODE_KEY_FILE = "key-file"
+# Where a deployed site keeps its ciphertexts between rounds (``federation.ciphercache``;
+# "off": re-encrypt in every process).
+NODE_CACHE_DIR = "cache-dir"
 NODE_PARTITION_ID = "partition-id"
 NODE_NUM_PARTITIONS = "num-partitions"
 

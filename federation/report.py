@@ -165,10 +165,22 @@ def _normalisation_lines(statistics: dict | None) -> list[str]:
         return []
     mean = ", ".join(f"{v:.4g}" for v in statistics["mean"])
     std = ", ".join(f"{v:.4g}" for v in statistics["std"])
+    how = "sent in the clear: per-feature counts, sums, squares and extremes"
+    secure = statistics.get("secure")
+    if isinstance(secure, dict):
+        how = (
+            f"securely summed: {secure.get('passes')} SecAgg+ passes, the aggregator saw only "
+            f"federation averages, each within {float(secure.get('error_bound', 0.0)):.2e}"
+        )
+        features = secure.get("features")
+        if isinstance(features, dict) and statistics["std"]:
+            scale = statistics["std"]
+            worst_mean = max(e / s for e, s in zip(features["mean_error"], scale, strict=False))
+            worst_std = max(e / s for e, s in zip(features["std_error"], scale, strict=False))
+            how += f"; means within {worst_mean:.1e} std, stds within {worst_std:.1e} relative"
     return [
         f"- normalisation: federation statistics of {statistics['rows']} rows from "
-        f"{statistics['sites']} sites (sent in the clear: per-feature counts, sums, squares "
-        f"and extremes); mean [{mean}], std [{std}]"
+        f"{statistics['sites']} sites ({how}); mean [{mean}], std [{std}]"
     ]
 
 

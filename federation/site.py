@@ -10,17 +10,18 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from federation.ciphercache import cached_encrypt
 from federation.config import ExperimentConfig
 from federation.experiment import (
     EncryptedSplit,
     SimulationKeyError,
     dtype_of,
-    encrypt_data,
     federation_key,
     fit_encrypted,
     fit_plain,
@@ -49,6 +50,7 @@ from federation.nn.train import (
     predict_encrypted,
 )
 from federation.refresh import model_ciphertexts, refresh_in_place
+from federation.secure_stats import SiteValues
 from federation.tasks.base import TaskData
 from federation.tasks.stats import DataStats, data_stats
 
@@ -87,11 +89,12 @@ class Site:
         *,
         deployed: bool = False,
         own_data: bool = False,
+        cache_dir: Path | None = None,
     ) -> None:
         if config.federation.encrypted and key is None:
             raise ValueError("an encrypted federation needs the site's key")
         self.config, self.site_id, self._key = config, site_id, key
-        self.deployed, self.own_data = deployed, own_data
+        self.deployed, self.own_data, self.cache_dir = deployed, own_data, cache_dir
         self.data: TaskData = load_data(config) if own_data else site_data(config, site_id)
         self._split: EncryptedSplit | None = None
         self._statistics: str | None = None
@@ -104,16 +107,18 @@ class Site:
         *,
         deployed: bool = False,
         own_data: bool = False,
+        cache_dir: Path | None = None,
     ) -> Site:
         """A deployed site refuses the seeded simulation key and draws its shadow values
         from OS randomness (the training seed is public); a simulated site keeps both.
         ``own_data``: the site's data folder is its own (a SuperNode's ``data-dir``), used
-        whole; otherwise the site takes its share of the experiment's data."""
+        whole; otherwise the site takes its share of the experiment's data. ``cache_dir``:
+        where its ciphertexts persist between processes (``federation.ciphercache``)."""
         try:
             key = federation_key(config, deployed=deployed) if config.federation.encrypted else None
         except SimulationKeyError as exc:
             raise SiteError(f"site {site_id}: {exc}") from None
-        return cls(config, site_id, key, deployed=deployed, own_data=own_data)
+        return cls(config, site_id, key, deployed=deployed, own_data=own_data, cache_dir=cache_dir)
 
     def _raw(self) -> TaskData:
         if self.own_data:
@@ -124,6 +129,22 @@ class Site:
         """This site's contribution to the federation statistics (counts, sums, sums of
         squares, min and max per feature of its raw data); only these numbers leave."""
         return data_stats(self._raw()).to_dict()
+
+    def statistics_values(self) -> SiteValues:
+        """This site's raw values for the secure statistics passes (they never leave as
+        such: only each pass's bounded vector, masked)."""
+        return SiteValues.of(self._raw())
+
+    def statistics_pass(self, name: str, parameters: str) -> tuple[dict[str, np.ndarray], int]:
+        """This site's vectors of secure statistics pass ``name`` given its public
+        ``parameters`` (JSON), and its row count (the SecAgg+ weight); SiteError if they do
+        not fit its data."""
+        values = self.statistics_values()
+        try:
+            given = json.loads(parameters)
+            return values.vectors(name, given if isinstance(given, Mapping) else {}), values.rows
+        except ValueError as exc:  # also malformed JSON
+            raise SiteError(f"site {self.site_id} refuses the statistics pass: {exc}") from None
 
     def use_statistics(self, statistics: str) -> None:
         """Normalise with the federation's statistics (JSON of their arrays), once per
@@ -139,10 +160,14 @@ class Site:
         return None if self._key is None else self._key.fingerprint
 
     def _encrypted(self) -> EncryptedSplit:
+        """Encrypted once per data, key and settings: kept on the object between rounds of
+        one process, and in ``cache_dir`` (if any) between processes."""
         assert self._key is not None
         if self._split is None:
             seed = None if self.deployed else self.config.training.seed * 7919 + self.site_id
-            self._split = encrypt_data(self.config, self.data, self._key, seed)
+            self._split = cached_encrypt(
+                self.cache_dir, self.config, self.site_id, self.data, self._key, seed
+            )
         return self._split
 
     def _model(

@@ -42,6 +42,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
 from federation import protocol
+from federation.ciphercache import cache_dir
 from federation.config import (
     ConfigError,
     ExperimentConfig,
@@ -149,6 +150,7 @@ def _site(msg: Message, context: Context, app_dir: Path) -> tuple[Site, int]:
             site_id,
             deployed=not simulated,
             own_data=bool(node.get(protocol.NODE_DATA_DIR)),
+            cache_dir=None if simulated else cache_dir(node.get(protocol.NODE_CACHE_DIR)),
         )
     site = _SITES[cache_key]
     statistics = settings.get(protocol.STATISTICS)
@@ -247,22 +249,36 @@ def secure_aggregation(msg: Message, context: Context, call_next: ClientAppCalla
 
 
 def train(msg: Message, context: Context, app_dir: Path = APP_DIR) -> Message:
-    """Local training on the site's encrypted data; replies with the encrypted update."""
+    """Local training on the site's encrypted data; replies with the encrypted update. A
+    secure statistics pass (a SecAgg+ round, never unmasked) replies with its vectors."""
     try:
         site, server_round = _site(msg, context, app_dir)
-        if site.config.federation.secure_aggregation.enabled and not _secure_round(msg):
-            raise SiteError(
-                f"site {site.site_id} refuses to send an unmasked update: experiment "
-                f"{site.config.name!r} requires secure aggregation"
+        settings = msg.content[protocol.CONFIG]
+        if protocol.STATISTICS_PASS in settings:
+            if not _secure_round(msg):
+                raise SiteError(f"site {site.site_id} refuses to send a statistics pass unmasked")
+            arrays, num_examples = site.statistics_pass(
+                str(settings[protocol.STATISTICS_PASS]),
+                str(settings.get(protocol.STATISTICS_PARAMETERS, "{}")),
             )
-        update = site.train(_arrays(msg), server_round)
+            metrics: dict[str, float] = {}
+            fingerprint = site.fingerprint
+        else:
+            if site.config.federation.secure_aggregation.enabled and not _secure_round(msg):
+                raise SiteError(
+                    f"site {site.site_id} refuses to send an unmasked update: experiment "
+                    f"{site.config.name!r} requires secure aggregation"
+                )
+            update = site.train(_arrays(msg), server_round)
+            arrays, num_examples = update.arrays, update.num_examples
+            metrics, fingerprint = update.metrics, update.fingerprint
     except Exception as exc:  # every failure is an error reply, never a partial update
         return _error_reply(msg, context, exc)
     content = RecordDict(
         {
-            protocol.ARRAYS: ArrayRecord({k: Array(v) for k, v in update.arrays.items()}),
-            protocol.METRICS: _metrics(update.num_examples, update.metrics),
-            protocol.SITE: _identity(site.site_id, update.fingerprint),
+            protocol.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            protocol.METRICS: _metrics(num_examples, metrics),
+            protocol.SITE: _identity(site.site_id, fingerprint),
         }
     )
     return Message(content, reply_to=msg)
@@ -285,9 +301,27 @@ def evaluate(msg: Message, context: Context, app_dir: Path = APP_DIR) -> Message
 
 
 def statistics(msg: Message, context: Context, app_dir: Path = APP_DIR) -> Message:
-    """The site's feature statistics for the federation's normalisation (only these leave)."""
+    """The site's feature statistics for the federation's normalisation (only these leave).
+
+    Under secure aggregation the statistics come in SecAgg+ passes (``train``), so the site
+    answers the query with only its row count and the sizes of its data, and refuses to send
+    its statistics in clear."""
     try:
         site, _ = _site(msg, context, app_dir)
+        if msg.content[protocol.CONFIG].get(protocol.STATISTICS_PASS) == protocol.STATISTICS_SHAPE:
+            values = site.statistics_values()
+            content = RecordDict(
+                {
+                    protocol.METRICS: _metrics(values.rows, values.shape.to_metrics()),
+                    protocol.SITE: _identity(site.site_id, site.fingerprint),
+                }
+            )
+            return Message(content, reply_to=msg)
+        if site.config.federation.secure_aggregation.enabled:
+            raise SiteError(
+                f"site {site.site_id} refuses to send its statistics in clear: experiment "
+                f"{site.config.name!r} requires secure aggregation"
+            )
         arrays = site.statistics()
     except Exception as exc:  # same contract as train
         return _error_reply(msg, context, exc)

@@ -6,7 +6,8 @@ deployment each site holds only its own rows, so the engine gathers the statisti
 
 1. every site loads its data unnormalised (the source's ``load_raw``) and sends
    ``data_stats(raw).to_dict()`` (counts, sums, sums of squares, minima and maxima: only
-   aggregates, additive, so plain or secure aggregation sums them);
+   aggregates; under secure aggregation :mod:`federation.secure_stats` gathers them
+   instead, through SecAgg+ passes that the aggregator sees only averaged);
 2. the aggregator adds them up: ``sum(DataStats.from_dict(d) for d in replies)``;
 3. every site standardises with the sum: ``prepare(raw, federation_stats, declared=...)``
    (or the source's ``load_task_data(..., stats=federation_stats)``).
