@@ -280,13 +280,10 @@ class EncryptedFedAvg(FedAvg):
         self._sent = list(sent)
         return self._sent
 
-    def gather_statistics(self, grid: Grid, timeout: float) -> tuple[DataStats, int]:
-        """The statistics round before round 1: every site sends the counts, sums, sums of
-        squares, min and max of its raw features; their sum and how many sites sent one.
-        Raises :class:`RoundFailedError` with fewer than ``min_sites`` valid."""
-        self._await_sites(grid)
-        config = self._settings(ConfigRecord({protocol.SERVER_ROUND: 0}))
-        self._sent = [
+    def _queries(self, grid: Grid, extra: Mapping[str, str]) -> list[Message]:
+        """One statistics QUERY per connected node, before round 1 (round 0)."""
+        config = self._settings(ConfigRecord({protocol.SERVER_ROUND: 0, **extra}))
+        return [
             Message(
                 RecordDict({protocol.CONFIG: ConfigRecord(dict(config))}),
                 dst_node_id=node,
@@ -294,6 +291,13 @@ class EncryptedFedAvg(FedAvg):
             )
             for node in grid.get_node_ids()
         ]
+
+    def gather_statistics(self, grid: Grid, timeout: float) -> tuple[DataStats, int]:
+        """The statistics round before round 1: every site sends the counts, sums, sums of
+        squares, min and max of its raw features; their sum and how many sites sent one.
+        Raises :class:`RoundFailedError` with fewer than ``min_sites`` valid."""
+        self._await_sites(grid)
+        self._sent = self._queries(grid, {})
         round_log = RoundLog(sites=self.sites)
         valid = []
         for node, msg in self._by_node(
@@ -379,19 +383,7 @@ class EncryptedFedAvg(FedAvg):
         self, grid: Grid, timeout: float, round_log: RoundLog
     ) -> dict[int, tuple[int, StatisticsShape]]:
         """Each answering node's row count and data sizes (the clear part of the query)."""
-        config = self._settings(
-            ConfigRecord(
-                {protocol.SERVER_ROUND: 0, protocol.STATISTICS_PASS: protocol.STATISTICS_SHAPE}
-            )
-        )
-        self._sent = [
-            Message(
-                RecordDict({protocol.CONFIG: ConfigRecord(dict(config))}),
-                dst_node_id=node,
-                message_type=MessageType.QUERY,
-            )
-            for node in grid.get_node_ids()
-        ]
+        self._sent = self._queries(grid, {protocol.STATISTICS_PASS: protocol.STATISTICS_SHAPE})
         shapes = {}
         for node, msg in self._by_node(
             grid.send_and_receive(self._sent, timeout=timeout), round_log, "statistics"

@@ -26,6 +26,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from aggregator.server_app import main
 from federation import protocol
+from federation.aggregation import Checkpoint, RunStore
 from federation.more.keys import generate_key
 
 SIMULATED = [{"partition-id": i, "num-partitions": 3} for i in range(3)]
@@ -162,3 +163,18 @@ def decrypt_arrays(arrays: dict[str, np.ndarray], seed: int) -> dict[str, np.nda
         else v
         for k, v in arrays.items()
     }
+
+
+def assert_decrypts_to_plaintext(
+    out: Path, seed: int = 1234, *, rounds: int = 2, atol: float = 1e-9
+) -> tuple[Checkpoint, Checkpoint]:
+    """The encrypted run under ``out`` decrypts (simulation key ``seed``) to its plaintext
+    baseline, array by array, after ``rounds`` rounds; returns both checkpoints."""
+    encrypted = RunStore(out / protocol.MODE_ENCRYPTED).load_latest()
+    plaintext = RunStore(out / protocol.MODE_PLAINTEXT).load_latest()
+    assert encrypted is not None and plaintext is not None
+    assert encrypted.server_round == plaintext.server_round == rounds
+    decrypted = decrypt_arrays(encrypted.arrays, seed)
+    for name, value in plaintext.arrays.items():
+        np.testing.assert_allclose(decrypted[name], value, rtol=0, atol=atol, err_msg=name)
+    return encrypted, plaintext

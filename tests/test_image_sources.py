@@ -19,7 +19,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from flower_grid import LocalGrid, decrypt_arrays, serve, server_run_config
+from flower_grid import (
+    LocalGrid,
+    assert_decrypts_to_plaintext,
+    serve,
+    server_run_config,
+)
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
@@ -35,7 +40,6 @@ from pydicom.uid import (
 from torch import nn
 
 from federation import protocol
-from federation.aggregation import RunStore
 from federation.config import experiment_from_dict
 from federation.experiment import initial_model, site_data
 from federation.nn.check import FLOAT64_ABS_TOL, compare_training
@@ -747,10 +751,5 @@ def test_image_studies_train_encrypted_in_a_federation_equal_to_plaintext(
     nodes = [{"partition-id": i, "num-partitions": 2} for i in range(2)]
     config = server_run_config(experiment, tmp_path / "out", **{protocol.RUN_BASELINE: True})
     serve(LocalGrid(client_app.app, nodes, config), config)
-    encrypted = RunStore(tmp_path / "out" / protocol.MODE_ENCRYPTED).load_latest()
-    plaintext = RunStore(tmp_path / "out" / protocol.MODE_PLAINTEXT).load_latest()
-    assert encrypted is not None and plaintext is not None and encrypted.server_round == 2
+    assert_decrypts_to_plaintext(tmp_path / "out")
     assert "normalisation: federation statistics" in (tmp_path / "out" / "report.md").read_text()
-    decrypted = decrypt_arrays(encrypted.arrays, 1234)
-    for name, value in plaintext.arrays.items():
-        np.testing.assert_allclose(decrypted[name], value, rtol=0, atol=1e-9, err_msg=name)

@@ -8,10 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from flower_grid import SIMULATED, LocalGrid, decrypt_arrays, serve, server_run_config
+from flower_grid import (
+    SIMULATED,
+    LocalGrid,
+    assert_decrypts_to_plaintext,
+    serve,
+    server_run_config,
+)
 
 from federation import cli, protocol
-from federation.aggregation import RunStore
 from federation.config import ConfigError, experiment_fields, load_experiment
 from federation.experiment import initial_model, site_data
 from federation.scaffold import SOURCES, ScaffoldError, new_study
@@ -111,14 +116,9 @@ def test_a_study_trains_encrypted_in_a_federation_equal_to_plaintext(tmp_path: P
     experiment = _study(tmp_path / "study")
     config = server_run_config(experiment, tmp_path / "out", **{protocol.RUN_BASELINE: True})
     serve(LocalGrid(client_app.app, SIMULATED, config), config)
-    encrypted = RunStore(tmp_path / "out" / protocol.MODE_ENCRYPTED).load_latest()
-    plaintext = RunStore(tmp_path / "out" / protocol.MODE_PLAINTEXT).load_latest()
-    assert encrypted is not None and plaintext is not None and encrypted.server_round == 2
+    _, plaintext = assert_decrypts_to_plaintext(tmp_path / "out")
     assert "block.bn.running_var" in plaintext.arrays  # batch norm's statistics are averaged
     assert plaintext.arrays["block.bn.num_batches_tracked"].dtype == np.int64
-    decrypted = decrypt_arrays(encrypted.arrays, 1234)
-    for name, value in plaintext.arrays.items():
-        np.testing.assert_allclose(decrypted[name], value, rtol=0, atol=1e-9, err_msg=name)
 
 
 @pytest.mark.parametrize(
@@ -203,13 +203,8 @@ def test_an_image_study_made_by_new_trains_encrypted_equal_to_plaintext(
     experiment.write_text(text.replace("  rounds: 5", "  rounds: 2"), encoding="utf-8")
     config = server_run_config(experiment, tmp_path / "out", **{protocol.RUN_BASELINE: True})
     serve(LocalGrid(client_app.app, SIMULATED, config), config)
-    encrypted = RunStore(tmp_path / "out" / protocol.MODE_ENCRYPTED).load_latest()
-    plaintext = RunStore(tmp_path / "out" / protocol.MODE_PLAINTEXT).load_latest()
-    assert encrypted is not None and plaintext is not None and encrypted.server_round == 2
+    assert_decrypts_to_plaintext(tmp_path / "out")
     assert "normalisation: federation statistics" in (tmp_path / "out" / "report.md").read_text()
-    decrypted = decrypt_arrays(encrypted.arrays, 1234)
-    for name, value in plaintext.arrays.items():
-        np.testing.assert_allclose(decrypted[name], value, rtol=0, atol=1e-9, err_msg=name)
 
 
 def test_new_refuses_a_folder_that_holds_anything_and_leaves_it_alone(tmp_path: Path) -> None:
