@@ -10,11 +10,22 @@ from pathlib import Path
 import pytest
 import torch
 
+from federation.ciphercache import CACHE_ENV
 from federation.more.keys import MoreKey, generate_key
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cipher_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Deployed sites (and the SuperNodes tests start) keep their ciphertexts in a temporary
+    folder, never in the user's real cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("cipher-cache")
+        mp.setenv(CACHE_ENV, str(path))
+        yield path
 
 
 @pytest.fixture
