@@ -227,7 +227,8 @@ TASK_OPTIONS = {
 }
 
 DATA_DIR = {"tabular": "data", "images": "data/images", "dicom": "data/dicom"}
-"""Where each source's sample data goes, relative to the study."""
+"""Where each source's sample data goes, relative to the study. The experiment names it by
+absolute path: Flower runs the app from a copy without its data files."""
 
 MODEL = {
     "tabular": """model:
@@ -403,10 +404,11 @@ def new_study(directory: Path, *, source: str = "tabular", task_module: bool = F
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise ScaffoldError(f"{directory} exists and is not an empty folder; choose a new one")
     name = _slug(directory.name)
+    data_dir = directory / DATA_DIR[source]
     files: dict[str, str | bytes] = {
         "pyproject.toml": _pyproject(name),
         "study_app.py": APP,
-        "experiment.yaml": _experiment(name, source, DATA_DIR[source], task_module),
+        "experiment.yaml": _experiment(name, source, str(data_dir), task_module),
         "README.md": _readme(name, source),
         ".gitignore": "runs/\nkeys/\n*.key\n__pycache__/\n",
     }
