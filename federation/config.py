@@ -26,6 +26,8 @@ PARTITIONS = ("iid", "non-iid")
 DTYPES = ("float32", "float64")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 ADAMS = ("adam", "adamw")
+REFRESH_EVERY_ADAM = 1
+"""``encryption.refresh_every``'s default for Adam/AdamW (see :class:`EncryptionConfig`)."""
 TARGET_SHADOWS = ("auto", "valid-label", "range", "uniform")
 
 
@@ -350,7 +352,7 @@ class EncryptionConfig:
     target_shadow: str = "auto"
     key_file: Path | None = None
     key_seed: int = 1234
-    health_limit: float = 1e4
+    health_limit: float = 1e4  # federation.more.health.DEFAULT_LIMIT (a test holds them equal)
     refresh_every: int = 10
 
 
@@ -395,46 +397,49 @@ def experiment_from_dict(
     model = ModelConfig(arch=arch, options=m.mapping("options"), factory=_factory(m, base))
     m.done()
 
-    s = top.child("sites")
+    s, d_sites = top.child("sites"), SitesConfig()
     sites = SitesConfig(
-        count=s.integer("count", 3, minimum=1),
-        partition=s.choice("partition", PARTITIONS, "iid"),
-        alpha=s.number("alpha", 0.5, strict=True),
+        count=s.integer("count", d_sites.count, minimum=1),
+        partition=s.choice("partition", PARTITIONS, d_sites.partition),
+        alpha=s.number("alpha", d_sites.alpha, strict=True),
     )
     s.done()
 
-    tr = top.child("training")
-    optimizer = tr.choice("optimizer", OPTIMIZERS, "sgd")
+    tr, d_tr = top.child("training"), TrainingConfig()
+    optimizer = tr.choice("optimizer", OPTIMIZERS, d_tr.optimizer)
     _only_for(tr, optimizer, {"momentum": ("sgd",), "betas": ADAMS, "eps": ADAMS})
     training = TrainingConfig(
-        rounds=tr.integer("rounds", 3, minimum=1),
-        local_epochs=tr.integer("local_epochs", 1, minimum=1),
-        batch_size=tr.integer("batch_size", 32, minimum=1),
+        rounds=tr.integer("rounds", d_tr.rounds, minimum=1),
+        local_epochs=tr.integer("local_epochs", d_tr.local_epochs, minimum=1),
+        batch_size=tr.integer("batch_size", d_tr.batch_size, minimum=1),
         optimizer=optimizer,
-        lr=tr.number("lr", 0.05, strict=True),
-        momentum=tr.number("momentum", 0.9),
-        betas=_betas(tr, "betas", (0.9, 0.999)),
-        eps=tr.number("eps", 1e-8, strict=True),
-        weight_decay=tr.number("weight_decay", 0.0),
-        keep_optimizer_state=tr.boolean("keep_optimizer_state", False),
-        dtype=tr.choice("dtype", DTYPES, "float64"),
-        seed=tr.integer("seed", 0),
+        lr=tr.number("lr", d_tr.lr, strict=True),
+        momentum=tr.number("momentum", d_tr.momentum),
+        betas=_betas(tr, "betas", d_tr.betas),
+        eps=tr.number("eps", d_tr.eps, strict=True),
+        weight_decay=tr.number("weight_decay", d_tr.weight_decay),
+        keep_optimizer_state=tr.boolean("keep_optimizer_state", d_tr.keep_optimizer_state),
+        dtype=tr.choice("dtype", DTYPES, d_tr.dtype),
+        seed=tr.integer("seed", d_tr.seed),
     )
     tr.done()
 
     fe = top.child("federation")
-    sa = fe.child("secure_aggregation")
+    sa, d_sa = fe.child("secure_aggregation"), SecureAggregationConfig()
     secure = SecureAggregationConfig(
-        enabled=sa.boolean("enabled", False),
-        clipping_range=sa.number("clipping_range", 32.0, strict=True),
-        max_weight=sa.number("max_weight", 10_000.0, strict=True),
-        num_shares=_fraction(sa, "num_shares", 1.0),
-        reconstruction_threshold=_fraction(sa, "reconstruction_threshold", 0.5),
+        enabled=sa.boolean("enabled", d_sa.enabled),
+        clipping_range=sa.number("clipping_range", d_sa.clipping_range, strict=True),
+        max_weight=sa.number("max_weight", d_sa.max_weight, strict=True),
+        num_shares=_fraction(sa, "num_shares", d_sa.num_shares),
+        reconstruction_threshold=_fraction(
+            sa, "reconstruction_threshold", d_sa.reconstruction_threshold
+        ),
     )
     sa.done()
+    d_fe = FederationConfig()
     federation = FederationConfig(
-        min_sites=fe.integer("min_sites", min(2, sites.count), minimum=1),
-        encrypted=fe.boolean("encrypted", True),
+        min_sites=fe.integer("min_sites", min(d_fe.min_sites, sites.count), minimum=1),
+        encrypted=fe.boolean("encrypted", d_fe.encrypted),
         secure_aggregation=secure,
     )
     fe.done()
@@ -449,13 +454,14 @@ def experiment_from_dict(
             f"got {federation.min_sites}"
         )
 
-    en = top.child("encryption")
+    en, d_en = top.child("encryption"), EncryptionConfig()
+    refresh = REFRESH_EVERY_ADAM if training.optimizer in ADAMS else d_en.refresh_every
     encryption = EncryptionConfig(
-        target_shadow=en.choice("target_shadow", TARGET_SHADOWS, "auto"),
+        target_shadow=en.choice("target_shadow", TARGET_SHADOWS, d_en.target_shadow),
         key_file=en.path("key_file", base),
-        key_seed=en.integer("key_seed", 1234),
-        health_limit=en.number("health_limit", 1e4, strict=True),
-        refresh_every=en.integer("refresh_every", 1 if training.optimizer in ADAMS else 10),
+        key_seed=en.integer("key_seed", d_en.key_seed),
+        health_limit=en.number("health_limit", d_en.health_limit, strict=True),
+        refresh_every=en.integer("refresh_every", refresh),
     )
     en.done()
 
@@ -529,7 +535,9 @@ class DeploySite:
 @dataclass(frozen=True)
 class DeploymentConfig:
     """A federation on real Flower processes. ``work_dir`` holds logs, certificates,
-    SuperNode authentication keys and one Flower home per process."""
+    SuperNode authentication keys and one Flower home per process. ``key_file``: the
+    federation key of every site that names none of its own; ``generate_key`` makes it
+    when missing (one machine only: across hosts it travels by the hospitals' channel)."""
 
     experiment: Path
     host: str
@@ -540,6 +548,8 @@ class DeploymentConfig:
     sites: tuple[DeploySite, ...]
     work_dir: Path
     output_dir: Path | None = None
+    key_file: Path | None = None
+    generate_key: bool = False
     round_timeout: float = 600.0
     timeout: float = 3600.0
     source: str = "<dict>"
@@ -572,8 +582,8 @@ def deployment_from_dict(data: Any, *, source: str = "<dict>", base: Path) -> De
 
     t = top.child("tls")
     tls = TlsConfig(
-        enabled=t.boolean("enabled", True),
-        generate=t.boolean("generate", True),
+        enabled=t.boolean("enabled", TlsConfig.enabled),
+        generate=t.boolean("generate", TlsConfig.generate),
         cert_dir=t.path("cert_dir", base) or work_dir / "certs",
     )
     t.done()
@@ -584,6 +594,13 @@ def deployment_from_dict(data: Any, *, source: str = "<dict>", base: Path) -> De
     a.done()
     if node_auth and not tls.enabled:
         raise ConfigError(f"{source}: 'node_auth.enabled' needs 'tls.enabled: true'")
+
+    k = top.child("key")
+    key_file = k.path("file", base)
+    generate_key = k.boolean("generate", DeploymentConfig.generate_key)
+    k.done()
+    if generate_key and key_file is None:
+        raise ConfigError(f"{source}: 'key.generate' needs 'key.file' (where to write it)")
 
     raw_sites = top.get("sites", required=True)
     if not isinstance(raw_sites, list) or not raw_sites:
@@ -597,7 +614,7 @@ def deployment_from_dict(data: Any, *, source: str = "<dict>", base: Path) -> De
                 site_id=s.integer("id", i),
                 port=_port(s, "port", port + 1 + i),
                 data_dir=s.path("data_dir", base),
-                key_file=s.path("key_file", base),
+                key_file=s.path("key_file", base) or key_file,
             )
         )
         s.done()
@@ -610,8 +627,8 @@ def deployment_from_dict(data: Any, *, source: str = "<dict>", base: Path) -> De
 
     r = top.child("run")
     output_dir = r.path("output_dir", base)
-    round_timeout = r.number("round_timeout", 600.0, strict=True)
-    timeout = r.number("timeout", 3600.0, strict=True)
+    round_timeout = r.number("round_timeout", DeploymentConfig.round_timeout, strict=True)
+    timeout = r.number("timeout", DeploymentConfig.timeout, strict=True)
     r.done()
     top.done()
     return DeploymentConfig(
@@ -624,6 +641,8 @@ def deployment_from_dict(data: Any, *, source: str = "<dict>", base: Path) -> De
         sites=tuple(sites),
         work_dir=work_dir,
         output_dir=output_dir,
+        key_file=key_file,
+        generate_key=generate_key,
         round_timeout=round_timeout,
         timeout=timeout,
         source=source,

@@ -45,7 +45,14 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from federation import protocol
 from federation.aggregation import RunStore
 from federation.atomic import atomic_write_bytes
-from federation.config import DeploymentConfig, DeploySite, load_deployment, load_experiment
+from federation.config import (
+    DeploymentConfig,
+    DeploySite,
+    ExperimentConfig,
+    load_deployment,
+    load_experiment,
+)
+from federation.more.keys import generate_key, load_key, save_key
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 """The Flower app this package belongs to (its pyproject.toml names the apps)."""
@@ -635,6 +642,36 @@ def _follow(
         time.sleep(poll)
 
 
+def _ensure_keys(
+    dep: DeploymentConfig, experiment: ExperimentConfig, echo: Callable[[str], None]
+) -> None:
+    """Every site's key file (its own, else the experiment's) exists before any process
+    starts; the deployment's shared key is made here when it asks to be (``key.generate``)
+    and is missing."""
+    if dep.generate_key and dep.key_file is not None and not dep.key_file.exists():
+        try:
+            save_key(generate_key(), dep.key_file, parents=True)
+        except OSError as exc:
+            raise DeployError(f"cannot write the federation key {dep.key_file}: {exc}") from None
+        echo(f"made the federation key {dep.key_file} ({load_key(dep.key_file).fingerprint})")
+    if not experiment.federation.encrypted:
+        return
+    for site in dep.sites:
+        key_file = site.key_file or experiment.encryption.key_file
+        if key_file is None:
+            raise DeployError(
+                f"{dep.source}: site {site.name!r} has no key file (a deployed site refuses the "
+                "simulation key): name one in its 'key_file' or in 'key.file', made with "
+                "`more-fl keygen --out FILE --parents` (or 'key.generate: true' on one machine)"
+            )
+        if not key_file.is_file():
+            raise DeployError(
+                f"{dep.source}: site {site.name!r}: key file {key_file} not found; make "
+                f"it with `more-fl keygen --out {key_file} --parents` and give it to every "
+                "site over the hospitals' own channel (or set 'key.generate: true' on one machine)"
+            )
+
+
 def deploy(
     dep: DeploymentConfig,
     *,
@@ -657,6 +694,7 @@ def deploy(
                 f"{experiment.name!r} has sites 0..{experiment.sites.count - 1}"
             )
     output_dir = (dep.output_dir or experiment.output_dir).resolve()
+    _ensure_keys(dep, experiment, echo)
     tls = _tls(dep)
     cli_home = dep.work_dir / "homes" / "cli"
     cli_home.mkdir(parents=True, exist_ok=True)

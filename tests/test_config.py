@@ -7,7 +7,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from federation.config import ConfigError, experiment_from_dict, load_experiment
+from federation.config import (
+    REFRESH_EVERY_ADAM,
+    ConfigError,
+    EncryptionConfig,
+    FederationConfig,
+    SitesConfig,
+    TrainingConfig,
+    experiment_from_dict,
+    load_experiment,
+)
+from federation.more.health import DEFAULT_LIMIT
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -27,6 +37,18 @@ def test_defaults_are_documented_values() -> None:
     assert cfg.federation.encrypted and cfg.encryption.target_shadow == "auto"
     with pytest.raises(TypeError):
         cfg.task.options["x"] = 1  # frozen
+
+
+def test_an_experiment_with_no_optional_key_gets_the_dataclasses_defaults() -> None:
+    """The reader takes every default from the config dataclasses: nothing to drift."""
+    cfg = experiment_from_dict({"name": "x", "task": {"name": "wbc"}})
+    assert cfg.sites == SitesConfig() and cfg.training == TrainingConfig()
+    assert cfg.federation == FederationConfig() and cfg.encryption == EncryptionConfig()
+    assert EncryptionConfig().health_limit == DEFAULT_LIMIT  # the engine's own default
+    adam = experiment_from_dict(
+        {"name": "x", "task": {"name": "wbc"}, "training": {"optimizer": "adam"}}
+    )
+    assert adam.encryption.refresh_every == REFRESH_EVERY_ADAM
 
 
 @pytest.mark.parametrize(

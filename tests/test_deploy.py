@@ -24,7 +24,12 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from flwr.cli.supernode.register import try_load_public_key
 
 from federation import deploy
-from federation.config import ConfigError, deployment_from_dict, load_deployment
+from federation.config import (
+    ConfigError,
+    deployment_from_dict,
+    load_deployment,
+    load_experiment,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "configs" / "deployments").glob("*.yaml"))
@@ -76,6 +81,8 @@ def test_defaults_fill_ports_and_work_directories(tmp_path: Path) -> None:
         ({"work_dir": None}, "'work_dir' must be a path, got None"),
         ({"superlink": {"host": None}}, "'superlink.host' must be a non-empty string"),
         ({"sites": [{"name": None}]}, "'sites[0].name' must be a non-empty string"),
+        ({"key": {"generate": True}}, "'key.generate' needs 'key.file'"),
+        ({"key": {"file": "k.key", "make": True}}, "unknown key 'key.make'"),
     ],
 )
 def test_bad_deployments_name_file_key_and_expectation(
@@ -185,6 +192,7 @@ def _insecure_one_site(tmp_path: Path) -> Path:
         node_auth={"enabled": False},
         superlink={"host": "127.0.0.1", "port": _free_port()},
         sites=[{"name": "a", "id": 0, "port": _free_port()}],
+        key={"file": str(tmp_path / "keys" / "federation.key"), "generate": True},
     )
     path = tmp_path / "d.yaml"
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
@@ -271,3 +279,35 @@ def test_a_listening_port_counts_as_taken(reuse: bool) -> None:
         port = int(taken.getsockname()[1])
         with pytest.raises(deploy.DeployError, match=f"port {port} on 127.0.0.1 is not free"):
             deploy._ensure_free("127.0.0.1", [port])
+
+
+def test_key_generate_makes_the_shared_key_once_and_every_site_without_one_uses_it(
+    tmp_path: Path,
+) -> None:
+    data = _deployment(tmp_path, key={"file": "keys/federation.key", "generate": True})
+    data["sites"][1]["key_file"] = "/keys/own.key"
+    dep = deployment_from_dict(data, source="d.yaml", base=tmp_path)
+    shared = tmp_path / "keys" / "federation.key"
+    assert dep.site("a").key_file == shared and dep.site("b").key_file == Path("/keys/own.key")
+    experiment = load_experiment(dep.experiment)
+    lines: list[str] = []
+    dep = deployment_from_dict(_deployment(tmp_path, key=data["key"]), source="d", base=tmp_path)
+    deploy._ensure_keys(dep, experiment, lines.append)
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o600
+    made = shared.read_bytes()
+    assert len(lines) == 1 and lines[0].startswith(f"made the federation key {shared}")
+    deploy._ensure_keys(dep, experiment, lines.append)  # there already: kept as it is
+    assert shared.read_bytes() == made and len(lines) == 1
+
+
+@pytest.mark.parametrize("key", [None, {"file": "missing.key"}], ids=["none", "missing"])
+def test_a_site_without_a_key_file_stops_the_deployment_before_anything_starts(
+    tmp_path: Path, key: dict | None
+) -> None:
+    data = _deployment(tmp_path, **({"key": key} if key else {}))
+    dep = deployment_from_dict(data, source="d.yaml", base=tmp_path)
+    want = "has no key file" if key is None else "missing.key not found; make it with"
+    with pytest.raises(deploy.DeployError, match=want) as raised:
+        deploy.deploy(dep, echo=lambda _: None)
+    assert "more-fl keygen --out" in str(raised.value)
+    assert not (tmp_path / "work").exists()  # no certificate, log or process
