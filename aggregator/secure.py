@@ -5,13 +5,12 @@ path; our round loop is the Message API. This adapter runs the workflow's four p
 for one round, hands each site the same train content as an unmasked round (the strategy's
 own messages), and collects the unmasked *sum* (already divided by the total weight) with
 the sites' clear-text metrics. Validation of the result stays with
-:meth:`aggregator.strategy.EncryptedFedAvg.aggregate_secure`.
+:meth:`federation.rounds.Aggregator.aggregate_secure`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -31,30 +30,8 @@ from flwr.supercore.run import Run
 from federation import protocol
 from federation.aggregation import cast_average
 from federation.config import SecureAggregationConfig
+from federation.rounds import SecureReply, SecureResult
 from federation.secagg import MODULUS, error_bound, quantization_range
-
-
-@dataclass
-class SecureReply:
-    """What the aggregator learns of one site in a secure round: no update, only these."""
-
-    node: int
-    num_examples: int
-    metrics: dict[str, Scalar]
-
-
-@dataclass
-class SecureResult:
-    """The unmasked weighted average by array name, in the global model's dtypes (``None`` if
-    the protocol halted), the sites in it
-    (``replies``), the others (``dropped``, with ``errors`` where a site said why)."""
-
-    average: dict[str, np.ndarray] | None
-    replies: list[SecureReply] = field(default_factory=list)
-    dropped: list[int] = field(default_factory=list)
-    errors: dict[int, str] = field(default_factory=dict)
-    levels: int = 0
-    bound: float = 0.0
 
 
 class _Recorder(Grid):

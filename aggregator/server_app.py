@@ -32,7 +32,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid import InMemoryGrid
 
-from aggregator.strategy import EncryptedFedAvg, RoundFailedError, run_rounds
+from aggregator.strategy import EncryptedFedAvg, FlowerTransport
 from federation import protocol
 from federation.aggregation import (
     RunStore,
@@ -51,6 +51,12 @@ from federation.config import (
 )
 from federation.experiment import takes_statistics
 from federation.report import Failure, clear_report, closing_summary, write_report
+from federation.rounds import (
+    RoundFailedError,
+    gather_secure_statistics,
+    gather_statistics,
+    run_rounds,
+)
 from federation.rundir import RunDirError, RunLock, check_resume
 from federation.runtime import check_app_environment
 
@@ -137,26 +143,26 @@ def run_mode(
     store = RunStore(output_dir / mode)
     if not resume:
         store.clear()
+    transport = FlowerTransport(strategy, grid, settings.round_timeout)
+    secure = config.federation.secure_aggregation
     if takes_statistics(config):
-        secure = config.federation.secure_aggregation
         accuracy = None
         if secure.enabled:  # summed by SecAgg+ too: the aggregator sees federation averages
-            statistics, sites, accuracy = strategy.gather_secure_statistics(
-                grid, settings.round_timeout, secure
+            statistics, sites, accuracy = gather_secure_statistics(
+                strategy.policy, transport, secure
             )
         else:
-            statistics, sites = strategy.gather_statistics(grid, settings.round_timeout)
+            statistics, sites = gather_statistics(strategy.policy, transport)
         strategy.settings[protocol.STATISTICS] = statistics_json(statistics)
         store.save_statistics(statistics, sites, secure=accuracy)
     return run_rounds(
-        strategy,
-        grid,
+        strategy.policy,
+        transport,
         store,
-        initial=initial,
+        initial,
         num_rounds=config.training.rounds,
-        round_timeout=settings.round_timeout,
         resume=resume,
-        secure=config.federation.secure_aggregation,
+        secure=secure,
     )
 
 

@@ -77,6 +77,12 @@ def validate_arrays(
             raise InvalidUpdate(f"'{name}' holds non-finite values")
 
 
+def check_num_examples(num_examples: object) -> None:
+    """Refuse an example count that is not a positive integer: it weights the average."""
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
+        raise InvalidUpdate(f"num-examples must be a positive integer, got {num_examples!r}")
+
+
 def validate_identity(
     num_examples: int,
     fingerprint: str | None,
@@ -86,8 +92,7 @@ def validate_identity(
 ) -> None:
     """Refuse a reply without a positive example count, or under another key than the
     federation's (``federation_fingerprint`` None: not known yet)."""
-    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
-        raise InvalidUpdate(f"num_examples must be a positive integer, got {num_examples!r}")
+    check_num_examples(num_examples)
     if encrypted:
         if not fingerprint:
             raise InvalidUpdate("the reply carries no key fingerprint")

@@ -20,10 +20,11 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from aggregator.strategy import EncryptedFedAvg, RoundFailedError, run_rounds
+from aggregator.strategy import EncryptedFedAvg, FlowerTransport
 from federation import protocol
 from federation.aggregation import RunStore, expected_shapes, initial_arrays
 from federation.config import experiment_from_dict
+from federation.rounds import RoundFailedError, run_rounds
 
 CONFIG = experiment_from_dict(
     {
@@ -255,12 +256,12 @@ def test_a_round_with_too_few_valid_updates_fails_and_keeps_the_last_checkpoint(
     grid = LocalGrid(failing, [{}] * 3, {})
     store = RunStore(tmp_path / "encrypted")
     with pytest.raises(RoundFailedError, match="0 valid updates, 2 needed.*disk full"):
+        strategy = _strategy()
         run_rounds(
-            _strategy(),
-            grid,
+            strategy.policy,
+            FlowerTransport(strategy, grid, timeout=5.0),
             store,
-            initial=initial_arrays(CONFIG),
+            initial_arrays(CONFIG),
             num_rounds=2,
-            round_timeout=5.0,
         )
     assert store.load_latest() is None
