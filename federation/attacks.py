@@ -39,16 +39,16 @@ from federation.config import ExperimentConfig
 from federation.experiment import (
     dtype_of,
     encrypt_data,
+    encryption_inputs,
     federation_key,
     initial_model,
     load_data,
     loss_of,
     site_data,
-    target_policy,
 )
-from federation.more.cipher import ValidLabel
 from federation.more.keys import MoreKey
-from federation.nn.train import plain_loss
+from federation.nn.losses import plain_loss
+from federation.nn.session import plain_targets
 from federation.site import Site, SiteError
 from federation.tasks.base import TaskData
 
@@ -442,9 +442,10 @@ def _attack_data(
     split = encrypt_data(config, sample, key, seed=config.training.seed)
     entries = {"features": split.x_train.entries, "targets": split.y_train.entries}
     entries = {name: _entries64(e) for name, e in entries.items()}
+    plain = encryption_inputs(config, sample)  # exactly what encrypt_data encrypted
     truth = {
-        "features": sample.x_train.to(dtype_of(config)).double().numpy(),
-        "targets": _target_plaintext(config, sample),
+        "features": plain.x_train.double().numpy(),
+        "targets": plain.targets.double().numpy(),
     }
     basis = equivalent_key(entries["features"])
     pairs = {name: channels(e, basis) for name, e in entries.items()}
@@ -500,16 +501,6 @@ def _attack_data(
     return attacked, results
 
 
-def _target_plaintext(config: ExperimentConfig, data: TaskData) -> np.ndarray:
-    """The targets exactly as :func:`encrypt_data` encrypts them (one-hot for classes)."""
-    policy = target_policy(config, data)
-    if isinstance(policy, ValidLabel):
-        y = torch.nn.functional.one_hot(data.y_train.long(), policy.num_classes)
-    else:
-        y = data.y_train
-    return y.to(dtype_of(config)).double().numpy()
-
-
 def _split_like(flat: np.ndarray, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Cut a flat channel back into the update's named arrays (their logical shapes)."""
     out, start = {}, 0
@@ -535,8 +526,8 @@ def _attack_updates(
     """
     model = initial_model(config)
     m = min(max_examples, len(data.x_test))
-    y = data.y_test[:m] if data.kind == "classification" else data.y_test[:m].to(dtype_of(config))
-    public = (data.x_test[:m], y, loss_of(data))
+    loss = loss_of(data)
+    public = (data.x_test[:m], plain_targets(data.y_test[:m], loss, dtype_of(config)), loss)
     start = initial_arrays(config)
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     outcomes: dict[str, list[tuple[int | None, int]]] = {

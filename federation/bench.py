@@ -17,10 +17,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from federation.more.cipher import FeatureRange, ValidLabel, encrypt
+from federation.more.cipher import FeatureRange, ValidLabel
 from federation.more.keys import generate_key
 from federation.nn.convert import to_encrypted
-from federation.nn.train import EncryptedSGD, loss_gradient
+from federation.nn.session import (
+    Batch,
+    EncryptedSession,
+    PlainSession,
+    SessionConfig,
+    encrypt_examples,
+)
+
+BENCH_SGD = {"lr": 0.01, "momentum": 0.9}
+"""The optimiser of every timed step (plaintext and encrypted alike)."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +121,12 @@ def _bytes(tensors: list[torch.Tensor]) -> int:
     return sum(seen.values())
 
 
+def step_holding(session: PlainSession | EncryptedSession, batch: Batch) -> list[torch.Tensor]:
+    """One step of ``session`` on ``batch``, returning what it holds (for :func:`held_bytes`)."""
+    session.step(batch)
+    return session.held(batch[0])
+
+
 def held_bytes(step: Callable[[], list[torch.Tensor]]) -> int:
     """Bytes held during one step: saved activations plus the persistent tensors it lists."""
     saved: list[torch.Tensor] = []
@@ -141,28 +156,17 @@ def bench_one(
     key = generate_key(seed)
     x = torch.rand(batch, *input_shape, dtype=dtype)
     y = torch.randint(10, (batch,))
-    ex = encrypt(x, key, FeatureRange(0.0, 1.0), seed=seed)
-    ey = encrypt(F.one_hot(y, 10).to(dtype), key, ValidLabel(10), seed=seed + 1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    eopt = EncryptedSGD(twin, lr=0.01, momentum=0.9)
+    features, target = FeatureRange(0.0, 1.0), ValidLabel(10)
+    ex, ey = encrypt_examples(x, y, key, features=features, target=target, dtype=dtype, seed=seed)
+    config = SessionConfig("sgd", BENCH_SGD, batch_size=batch, dtype=dtype, seed=seed)
+    plain = PlainSession(model, x, y, loss="cross_entropy", config=config)
+    encrypted = EncryptedSession(twin, ex, ey, loss="cross_entropy", config=config)
 
     def plain_step() -> list[torch.Tensor]:
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        state = [b for s in opt.state.values() for b in s.values() if isinstance(b, torch.Tensor)]
-        return [x, *model.parameters(), *(p.grad for p in model.parameters()), *state]
+        return step_holding(plain, (x, y))
 
     def encrypted_step() -> list[torch.Tensor]:
-        out = twin(ex)
-        with torch.no_grad():
-            grad = loss_gradient("cross_entropy", out.detach(), ey)
-        eopt.zero_grad()
-        out.backward(grad)
-        eopt.step()
-        params = list(twin.parameters())
-        bufs = [b.entries for b in eopt.encrypted_state()]
-        return [ex.entries, *params, *(p.grad for p in params), *bufs]
+        return step_holding(encrypted, (ex, ey))
 
     for _ in range(2):
         plain_step()

@@ -39,18 +39,17 @@ from torch import nn
 
 from federation.aggregation import fedavg
 from federation.atomic import atomic_write_bytes
-from federation.bench import held_bytes
-from federation.more import (
-    EncryptedTensor,
-    FeatureRange,
-    RegressionRange,
-    ValidLabel,
-    decrypt,
-    encrypt,
-    generate_key,
-)
+from federation.bench import BENCH_SGD, held_bytes, step_holding
+from federation.more import EncryptedTensor, FeatureRange, decrypt, encrypt, generate_key
+from federation.nn.check import Deviation
 from federation.nn.convert import to_encrypted
-from federation.nn.train import EncryptedSGD, loss_gradient, plain_loss
+from federation.nn.session import (
+    EncryptedSession,
+    PlainSession,
+    SessionConfig,
+    encrypt_examples,
+    target_shadow,
+)
 from federation.tasks import get_task
 
 REPORT = "bench-suite.md"
@@ -177,7 +176,7 @@ def _timed(step: Callable[..., object], device: torch.device, *args: object) -> 
 
 
 class _TrainingSteps:
-    """A model and its encrypted twin, their SGD optimisers and pre-encrypted batches.
+    """A model and its encrypted twin, their sessions and pre-encrypted batches.
 
     The data is encrypted before any timing: a site encrypts its dataset once, not per
     epoch. float32, SGD with momentum, the task's loss on random data of the right shape.
@@ -188,67 +187,47 @@ class _TrainingSteps:
         self, spec: ModelSpec, *, batches: int, batch: int, device: torch.device, seed: int
     ) -> None:
         torch.manual_seed(seed)
-        self.spec, self.batches = spec, batches
-        self.model = spec.build().float()
-        self.twin = to_encrypted(self.model, None, dtype=torch.float32)
+        self.batches = batches
+        model = spec.build().float()
+        twin = to_encrypted(model, None, dtype=torch.float32)
         key = generate_key(seed)
         lo, hi = spec.feature_range
         xs = [lo + (hi - lo) * torch.rand(batch, *spec.input_shape) for _ in range(batches)]
-        self.model.eval()  # batch norm refuses one example in training mode
+        model.eval()  # batch norm refuses one example in training mode
         with torch.no_grad():
-            outputs = int(self.model(xs[0][:1]).shape[-1])
-        self.model.train()
+            outputs = int(model(xs[0][:1]).shape[-1])
+        model.train()
         if spec.loss == "cross_entropy":
             ys = [torch.randint(outputs, (batch,)) for _ in range(batches)]
-            targets = [F.one_hot(y, outputs).float() for y in ys]
-            policy: FeatureRange | ValidLabel = ValidLabel(outputs)
         else:
             ys = [torch.randn(batch, outputs).clamp(-3.0, 3.0) for _ in range(batches)]
-            targets, policy = ys, RegressionRange(-3.0, 3.0)
+        policy = target_shadow(ys[0], spec.loss, num_classes=outputs, target_range=(-3.0, 3.0))
         self.plain = [(x.to(device), y.to(device)) for x, y in zip(xs, ys, strict=True)]
-        self.encrypted = [
-            (
-                encrypt(x, key, FeatureRange(lo, hi), seed=seed + 2 * i).to(device),
-                encrypt(t, key, policy, seed=seed + 2 * i + 1).to(device),
+        features = FeatureRange(lo, hi)
+        self.encrypted: list[tuple[EncryptedTensor, EncryptedTensor]] = []
+        for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+            ex, ey = encrypt_examples(
+                x, y, key, features=features, target=policy, dtype=torch.float32, seed=seed + 2 * i
             )
-            for i, (x, t) in enumerate(zip(xs, targets, strict=True))
-        ]
-        self.model.to(device)
-        self.twin.to(device)
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
-        self.eopt = EncryptedSGD(self.twin, lr=0.01, momentum=0.9)
+            self.encrypted.append((ex.to(device), ey.to(device)))
+        model.to(device)
+        twin.to(device)
+        config = SessionConfig("sgd", BENCH_SGD, batch_size=batch, dtype=torch.float32)
+        self.sessions = (
+            PlainSession(model, *self.plain[0], loss=spec.loss, config=config),
+            EncryptedSession(twin, *self.encrypted[0], loss=spec.loss, config=config),
+        )
+        self.params = sum(p.numel() for p in model.parameters())
         for i in range(2):  # warm-up: first calls allocate optimiser state and kernels
             self.plain_step(i)
             self.encrypted_step(i)
 
-    @property
-    def params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
-
     def plain_step(self, i: int) -> list[torch.Tensor]:
         """One step on batch ``i``; returns the tensors it holds (for memory accounting)."""
-        x, y = self.plain[i % self.batches]
-        self.opt.zero_grad()
-        plain_loss(self.spec.loss, self.model(x), y).backward()
-        self.opt.step()
-        params = list(self.model.parameters())
-        grads = [p.grad for p in params if p.grad is not None]
-        state = [
-            s for v in self.opt.state.values() for s in v.values() if isinstance(s, torch.Tensor)
-        ]
-        return [x, *params, *grads, *state]
+        return step_holding(self.sessions[0], self.plain[i % self.batches])
 
     def encrypted_step(self, i: int) -> list[torch.Tensor]:
-        x, y = self.encrypted[i % self.batches]
-        out = self.twin(x)
-        with torch.no_grad():
-            grad = loss_gradient(self.spec.loss, out.detach(), y)
-        self.eopt.zero_grad()
-        out.backward(grad)
-        self.eopt.step()
-        params = list(self.twin.parameters())
-        grads = [p.grad for p in params if p.grad is not None]
-        return [x.entries, *params, *grads, *(b.entries for b in self.eopt.encrypted_state())]
+        return step_holding(self.sessions[1], self.encrypted[i % self.batches])
 
 
 def bench_epoch(
@@ -328,7 +307,10 @@ def _ms(start: float) -> float:
 
 
 def _max_error(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> float:
-    return max(float(np.abs(got[k].astype(np.float64) - want[k]).max()) for k in want)
+    def tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(np.array(a)) for k, a in arrays.items()}
+
+    return Deviation.between(tensors(got), tensors(want)).abs
 
 
 def aggregate_plain(

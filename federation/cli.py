@@ -122,7 +122,7 @@ def _train(args: argparse.Namespace) -> int:
     from federation.datareport import skip_summary
     from federation.experiment import compare_centralised, federation_key, load_data
     from federation.more.health import ShadowDivergenceError
-    from federation.nn.train import TrainingDivergedError
+    from federation.nn.session import TrainingDivergedError
 
     config = load_experiment(args.config)
     key = federation_key(config)
@@ -221,12 +221,14 @@ def _data(args: argparse.Namespace) -> int:
         where = "mnist and wbc" if angio else "angio"
         verb = "is" if len(misplaced) == 1 else "are"
         raise CommandError(f"{' and '.join(misplaced)} {verb} only for {where}")
-    task = get_task(args.task)
     if angio:
+        from federation.tasks.angio import preview
+
         size = {} if args.image_size is None else {"image_size": args.image_size}
-        path = task.save_preview(args.preview or DEFAULT_PREVIEW, seed=args.seed, **size)
+        path = preview.save_preview(args.preview or DEFAULT_PREVIEW, seed=args.seed, **size)
         print(f"wrote {path}")
         return 0
+    task = get_task(args.task)
     data = task.load_task_data(
         seed=args.seed, data_dir=args.data_dir, **({"progress": True} if args.task == "wbc" else {})
     )

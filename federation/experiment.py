@@ -11,7 +11,7 @@ import inspect
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
 
@@ -19,21 +19,20 @@ import torch
 from torch import nn
 
 from federation.config import ExperimentConfig, thaw
-from federation.more.cipher import (
-    FeatureRange,
-    RegressionRange,
-    ShadowPolicy,
-    ValidLabel,
-    decrypt,
-    encrypt,
-)
+from federation.more.cipher import FeatureRange, ShadowPolicy, decrypt, encrypt
 from federation.more.health import check_tensors
 from federation.more.keys import MoreKey, generate_key, load_key
 from federation.more.tensor import EncryptedTensor
+from federation.nn.check import Deviation
 from federation.nn.convert import encrypted_parameters, to_encrypted, to_plain
-from federation.nn.optim import OPTIMIZERS, EncryptedOptimizer, load_optimizer_arrays
-from federation.nn.train import predict_encrypted, train_encrypted, train_plain
-from federation.refresh import refresh_in_place, refresher
+from federation.nn.session import (
+    EncryptedSession,
+    PlainSession,
+    SessionConfig,
+    encode_targets,
+    predict_encrypted,
+    target_shadow,
+)
 from federation.tasks import model_factory, task_module
 from federation.tasks.base import TaskData, default_site_partition
 from federation.tasks.stats import DataStats, prepare
@@ -45,6 +44,35 @@ def dtype_of(config: ExperimentConfig) -> torch.dtype:
 
 def loss_of(data: TaskData) -> str:
     return "cross_entropy" if data.kind == "classification" else "mse"
+
+
+def session_config(
+    config: ExperimentConfig, *, epochs: int | None = None, seed: int | None = None
+) -> SessionConfig:
+    """The experiment's training settings for a session (one place reads them): a site's
+    local epochs and the run's seed unless ``epochs`` and the batch-order ``seed`` are given."""
+    t = config.training
+    hyper: dict[str, object] = {"lr": t.lr, "weight_decay": t.weight_decay}
+    if t.optimizer == "sgd":
+        hyper["momentum"] = t.momentum
+    else:
+        hyper.update(betas=t.betas, eps=t.eps)
+    return SessionConfig(
+        optimizer=t.optimizer,
+        hyper=hyper,
+        batch_size=t.batch_size,
+        epochs=t.local_epochs if epochs is None else epochs,
+        refresh_every=config.encryption.refresh_every,
+        dtype=dtype_of(config),
+        seed=t.seed if seed is None else seed,
+    )
+
+
+def make_optimizer(
+    config: ExperimentConfig, model: nn.Module, *, encrypted: bool
+) -> torch.optim.Optimizer:
+    """The experiment's optimiser: torch's over a plain model, its twin over an encrypted one."""
+    return session_config(config).build_optimizer(model, encrypted=encrypted)
 
 
 def task_of(config: ExperimentConfig) -> ModuleType:
@@ -152,11 +180,10 @@ def target_policy(config: ExperimentConfig, data: TaskData) -> ShadowPolicy:
         if choice == "range":
             raise ValueError("target_shadow 'range' is for regression; use valid-label")
         assert data.num_classes is not None
-        return ValidLabel(data.num_classes)
+        return target_shadow(data.y_train, loss_of(data), num_classes=data.num_classes)
     if choice == "valid-label":
         raise ValueError("target_shadow 'valid-label' is for classification; use range")
-    lo, hi = data.target_range or (float(data.y_train.min()), float(data.y_train.max()))
-    return RegressionRange(lo, hi)
+    return target_shadow(data.y_train, loss_of(data), target_range=data.target_range)
 
 
 KEY_HOWTO = (
@@ -225,12 +252,12 @@ def encryption_inputs(config: ExperimentConfig, data: TaskData) -> EncryptionInp
     dtype = dtype_of(config)
     lo, hi = data.feature_range
     policy = target_policy(config, data)
-    if isinstance(policy, ValidLabel):
-        targets = torch.nn.functional.one_hot(data.y_train.long(), policy.num_classes).to(dtype)
-    else:
-        targets = data.y_train.to(dtype)
     return EncryptionInputs(
-        data.x_train.to(dtype), targets, data.x_test.to(dtype), FeatureRange(lo, hi), policy
+        data.x_train.to(dtype),
+        encode_targets(data.y_train, policy, dtype),
+        data.x_test.to(dtype),
+        FeatureRange(lo, hi),
+        policy,
     )
 
 
@@ -245,96 +272,6 @@ def encrypt_data(
         x_test=encrypt(plain.x_test, key, plain.features, seed=None if seed is None else seed + 2),
         fingerprint=key.fingerprint,
     )
-
-
-def plain_targets(config: ExperimentConfig, y: torch.Tensor, loss: str) -> torch.Tensor:
-    """Targets as torch's loss wants them: class indices, or floats in the run's dtype."""
-    return y if loss == "cross_entropy" else y.to(dtype_of(config))
-
-
-def make_optimizer(
-    config: ExperimentConfig, model: nn.Module, *, encrypted: bool
-) -> torch.optim.Optimizer:
-    """The experiment's optimiser: torch's over a plain model, its twin over an encrypted one."""
-    t = config.training
-    plain_cls, encrypted_cls = OPTIMIZERS[t.optimizer]
-    hyper: dict[str, object] = {"lr": t.lr, "weight_decay": t.weight_decay}
-    if t.optimizer == "sgd":
-        hyper["momentum"] = t.momentum
-    else:
-        hyper.update(betas=t.betas, eps=t.eps)
-    if encrypted:
-        return encrypted_cls(model, **hyper)
-    return plain_cls(model.parameters(), **hyper)
-
-
-def _with_state(
-    optimizer: torch.optim.Optimizer, model: nn.Module, state: Mapping[str, torch.Tensor] | None
-) -> torch.optim.Optimizer:
-    if state is not None:
-        load_optimizer_arrays(optimizer, model, dict(state))
-    return optimizer
-
-
-def fit_plain(
-    config: ExperimentConfig,
-    model: nn.Module,
-    data: TaskData,
-    *,
-    epochs: int,
-    seed: int,
-    callback: Callable[[int, nn.Module], None] | None = None,
-    optimizer_state: Mapping[str, torch.Tensor] | None = None,
-) -> torch.optim.Optimizer:
-    """Plaintext training on ``data``'s training split with the experiment's optimiser
-    (continuing from ``optimizer_state`` when given); returns the optimiser."""
-    loss = loss_of(data)
-    opt = _with_state(make_optimizer(config, model, encrypted=False), model, optimizer_state)
-    train_plain(
-        model,
-        data.x_train.to(dtype_of(config)),
-        plain_targets(config, data.y_train, loss),
-        loss=loss,
-        optimizer=opt,
-        epochs=epochs,
-        batch_size=config.training.batch_size,
-        seed=seed,
-        callback=callback,
-    )
-    return opt
-
-
-def fit_encrypted(
-    config: ExperimentConfig,
-    twin: nn.Module,
-    split: EncryptedSplit,
-    key: MoreKey,
-    loss: str,
-    *,
-    epochs: int,
-    seed: int,
-    callback: Callable[[int, nn.Module], None] | None = None,
-    optimizer_state: Mapping[str, torch.Tensor] | None = None,
-) -> EncryptedOptimizer:
-    """The same training on ciphertexts; the key only builds the site's refresh hook."""
-    opt = make_optimizer(config, twin, encrypted=True)
-    assert isinstance(opt, EncryptedOptimizer)
-    if optimizer_state is not None:  # re-encrypted like the received model (see Site)
-        _with_state(opt, twin, optimizer_state)
-        refresh_in_place(opt.encrypted_state(), key)
-    train_encrypted(
-        twin,
-        split.x_train,
-        split.y_train,
-        loss=loss,
-        optimizer=opt,
-        epochs=epochs,
-        batch_size=config.training.batch_size,
-        seed=seed,
-        callback=callback,
-        step_hook=refresher(twin, opt, key, config.encryption.refresh_every),
-    )
-    return opt
 
 
 @dataclass
@@ -369,6 +306,7 @@ def train_centralised(
     epochs = t.rounds * t.local_epochs if epochs is None else epochs
     if epochs < 1:
         raise ValueError(f"epochs must be a positive integer, got {epochs}")
+    settings = session_config(config, epochs=epochs)
     plain = initial_model(config)
     if perturb:
         with torch.no_grad():
@@ -392,7 +330,9 @@ def train_centralised(
                 record(epoch, model(x_test))
             model.train()
 
-        fit_plain(config, plain, data, epochs=epochs, seed=t.seed, callback=plain_eval)
+        PlainSession(
+            plain, data.x_train, data.y_train, loss=loss, config=settings, callback=plain_eval
+        ).train()
         result.model = plain
     else:
         if key is None:
@@ -407,7 +347,15 @@ def train_centralised(
             record(epoch, decrypt(predict_encrypted(model, split.x_test), key))
             model.train()
 
-        fit_encrypted(config, twin, split, key, loss, epochs=epochs, seed=t.seed, callback=enc_eval)
+        EncryptedSession(
+            twin,
+            split.x_train,
+            split.y_train,
+            loss=loss,
+            config=settings,
+            key=key,
+            callback=enc_eval,
+        ).train()
         result.model = to_plain(twin, key)
     result.seconds = time.perf_counter() - start
     return result
@@ -448,17 +396,7 @@ def compare_centralised(
     eps = torch.finfo(dtype_of(config)).eps
     control = train_centralised(config, encrypted=False, epochs=epochs, perturb=eps)
     assert plain.model is not None and enc.model is not None and control.model is not None
-    dev_abs, dev_rel = _weight_deviation(plain.model, enc.model)
-    return SideBySide(
-        plain, enc, dev_abs, dev_rel, _weight_deviation(plain.model, control.model)[0]
-    )
-
-
-def _weight_deviation(reference: nn.Module, other: nn.Module) -> tuple[float, float]:
-    """Largest difference of the floating-point state (integer counters such as batch
-    norm's ``num_batches_tracked`` are equal or not, never a scale)."""
-    ps = {k: v for k, v in reference.state_dict().items() if v.is_floating_point()}
-    os_ = other.state_dict()
-    diff = max(float((os_[k].double() - v.double()).abs().max()) for k, v in ps.items())
-    scale = max(float(v.double().abs().max()) for v in ps.values())
-    return diff, diff / max(scale, 1e-30)
+    reference = plain.model.state_dict()
+    deviation = Deviation.between(enc.model.state_dict(), reference)
+    control_abs = Deviation.between(control.model.state_dict(), reference).abs
+    return SideBySide(plain, enc, deviation.abs, deviation.rel, control_abs)

@@ -1,9 +1,10 @@
 """A site's periodic re-encryption of the model it is training (it holds the key).
 
-The trainer never sees the key; it calls a step hook, and this hook (built by the site)
-re-encrypts the parameters, the batch-norm running statistics and the optimiser's state
-(momentum, Adam moments) in place every ``every`` steps, which
-keeps round-off from growing outside the key's algebra (see :func:`federation.more.refresh`).
+The training step never sees the key; an encrypted session given the site's key calls this
+step hook after each step, and it re-encrypts the parameters, the batch-norm running
+statistics and the optimiser's state (momentum, Adam moments) in place every ``every`` steps,
+which keeps round-off from growing outside the key's algebra (see
+:func:`federation.more.refresh`).
 """
 
 from __future__ import annotations

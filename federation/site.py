@@ -23,13 +23,11 @@ from federation.experiment import (
     SimulationKeyError,
     dtype_of,
     federation_key,
-    fit_encrypted,
-    fit_plain,
     initial_model,
     load_data,
     load_raw_data,
     loss_of,
-    plain_targets,
+    session_config,
     site_data,
     with_statistics,
 )
@@ -42,11 +40,13 @@ from federation.nn.convert import (
     load_encrypted_state,
     to_encrypted,
 )
+from federation.nn.losses import plain_loss
 from federation.nn.optim import optimizer_arrays, split_arrays
-from federation.nn.train import (
+from federation.nn.session import (
+    EncryptedSession,
+    PlainSession,
     TrainingDivergedError,
-    batch_order,
-    plain_loss,
+    plain_targets,
     predict_encrypted,
 )
 from federation.refresh import model_ciphertexts, refresh_in_place
@@ -193,36 +193,37 @@ class Site:
         return twin, optimizer_state
 
     def train(self, arrays: Mapping[str, np.ndarray], server_round: int) -> LocalUpdate:
-        t = self.config.training
         model, optimizer_state = self._model(arrays)
-        loss = loss_of(self.data)
-        seed = round_seed(self.config, self.site_id, server_round)
-        n = len(self.data.x_train)
+        settings = session_config(
+            self.config, seed=round_seed(self.config, self.site_id, server_round)
+        )
+        loss, n = loss_of(self.data), len(self.data.x_train)
         if not self.config.federation.encrypted:
-            opt = fit_plain(
-                self.config,
+            plain = PlainSession(
                 model,
-                self.data,
-                epochs=t.local_epochs,
-                seed=seed,
+                self.data.x_train,
+                self.data.y_train,
+                loss=loss,
+                config=settings,
                 optimizer_state=optimizer_state,
             )
-            return LocalUpdate(self._arrays(model, opt), n, None, {})
+            plain.train()
+            return LocalUpdate(self._arrays(model, plain.optimizer), n, None, {})
         assert self._key is not None
         split = self._encrypted()
+        session = EncryptedSession(
+            model,
+            split.x_train,
+            split.y_train,
+            loss=loss,
+            config=settings,
+            key=self._key,
+            optimizer_state=optimizer_state,
+        )
         try:
-            opt = fit_encrypted(
-                self.config,
-                model,
-                split,
-                self._key,
-                loss,
-                epochs=t.local_epochs,
-                seed=seed,
-                optimizer_state=optimizer_state,
-            )
+            session.train()
         except TrainingDivergedError as exc:
-            batch = batch_order(n, t.batch_size, seed, exc.epoch)[exc.step]
+            batch = session.batches(exc.epoch)[exc.step]
             where = diagnose(
                 model, split.x_train[batch], self._key, limit=self.config.encryption.health_limit
             )
@@ -236,7 +237,7 @@ class Site:
             "data_max": report.data_max,
             "channel_mixing": report.mixing,
         }
-        return LocalUpdate(self._arrays(model, opt), n, self.fingerprint, metrics)
+        return LocalUpdate(self._arrays(model, session.optimizer), n, self.fingerprint, metrics)
 
     def _arrays(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, np.ndarray]:
         """The reply: the model's ``state_dict``, and the optimiser state when it is kept."""
@@ -257,7 +258,7 @@ class Site:
             model.eval()
             with torch.no_grad():
                 outputs = model(self.data.x_test.to(dtype))
-        y = plain_targets(self.config, self.data.y_test, loss)
+        y = plain_targets(self.data.y_test, loss, dtype)
         metrics = {
             "loss": float(plain_loss(loss, outputs, y)),
             **self.data.metrics(outputs, self.data.y_test),

@@ -6,10 +6,10 @@ additions, concatenation, reshapes, means), every loss and every optimiser, in f
 float32. :func:`coverage` lists what the cases exercise; the tests check it against the
 engine's registries, so a newly supported layer needs a case here.
 
-The first three cases train as ``more-fl train`` does (:mod:`federation.equivalence`: SGD,
-the site's re-encryption every 10 steps); the others use
-:func:`federation.nn.check.compare_training`, which takes any optimiser and loss and seeds
-the global generator alike for both runs (dropout masks agree).
+Every case trains through :func:`federation.nn.check.compare_training`: a plaintext and an
+encrypted :mod:`federation.nn.session` on one config, the global generator seeded alike for
+both runs (dropout masks agree). The first three also re-encrypt the model every 10 steps,
+as a site does in ``more-fl train``.
 """
 
 from __future__ import annotations
@@ -25,12 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from federation import equivalence
 from federation.more.keys import MoreKey, generate_key
 from federation.nn import check
 from federation.nn.graph import trace
 from federation.nn.layers import TWINS, Square
 from federation.nn.losses import BCEWithLogits, CrossEntropy, Huber, LossSpec, SmoothL1, get_loss
+from federation.nn.optim import OPTIMIZERS
+from federation.nn.session import SessionConfig
 
 FLOAT64_ABS_TOL = check.FLOAT64_ABS_TOL
 FLOAT32_REL_TOL = check.FLOAT32_REL_TOL
@@ -48,6 +49,9 @@ ADAMW = {"lr": 0.01, "weight_decay": 1e-2}
 
 SMALL: dict[str, Any] = {"samples": 64, "batch_size": 16}
 """The coverage cases: 2 epochs of 4 steps keep ``more-fl verify`` short."""
+
+SITE_REFRESH = 10
+"""The site's re-encryption period of the ``site_refresh`` cases (the experiment default)."""
 
 GRAPH_OPS = ("add", "cat", "view", "flatten", "permute", "mean")
 """Operations of traced modules (outside layers) that at least one case must exercise."""
@@ -68,10 +72,11 @@ class Case:
     batch_size: int = 32
     epochs: int = 2
     site_refresh: bool = False
-    """Train through :func:`federation.equivalence.compare_training` (SGD, a loss name)."""
+    """Re-encrypt the model every :data:`SITE_REFRESH` steps, as a site training SGD on a
+    loss by name does (``more-fl train``)."""
 
     def __post_init__(self) -> None:
-        if self.optimizer not in check.OPTIMIZERS:
+        if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"{self.name}: unknown optimiser {self.optimizer!r}")
         if self.site_refresh and (self.optimizer != "sgd" or not isinstance(self.loss, str)):
             raise ValueError(f"{self.name}: the site's path takes SGD and a loss by name")
@@ -284,7 +289,7 @@ def coverage(cases: tuple[Case, ...] = CASES) -> dict[str, tuple[str, ...]]:
         "graph ops": tuple(sorted(ops)),
         "conv": tuple(sorted(conv)),
         "losses": tuple(dict.fromkeys(get_loss(c.loss).name for c in cases)),
-        "optimisers": tuple(o for o in check.OPTIMIZERS if any(c.optimizer == o for c in cases)),
+        "optimisers": tuple(o for o in OPTIMIZERS if any(c.optimizer == o for c in cases)),
     }
 
 
@@ -329,22 +334,26 @@ def _compare(
     seed: int,
 ) -> Row:
     target_range = (0.0, 1.0) if isinstance(get_loss(case.loss), BCEWithLogits) else (-1.0, 1.0)
-    common: dict[str, Any] = {
-        "key": key,
-        "loss": case.loss,
-        "dtype": dtype,
-        "epochs": case.epochs,
-        "batch_size": case.batch_size,
-        "seed": seed,
-        "num_classes": case.outputs,
-        "feature_range": (0.0, 1.0),
-        "target_range": target_range,
-        **case.hyper,
-    }
-    if case.site_refresh:
-        cmp = equivalence.compare_training(model, x, y, **common)
-        return Row(cmp.max_abs, cmp.max_rel, cmp.output_abs, cmp.passed)
-    got = check.compare_training(model, x, y, optimizer=case.optimizer, **common)
+    config = SessionConfig(
+        case.optimizer,
+        case.hyper,
+        batch_size=case.batch_size,
+        epochs=case.epochs,
+        refresh_every=SITE_REFRESH if case.site_refresh else 0,
+        dtype=dtype,
+        seed=seed,
+    )
+    got = check.compare_training(
+        model,
+        x,
+        y,
+        key=key,
+        loss=case.loss,
+        config=config,
+        num_classes=case.outputs,
+        feature_range=(0.0, 1.0),
+        target_range=target_range,
+    )
     return Row(
         max(got.state.abs, got.outputs.abs),
         max(got.state.rel, got.outputs.rel),

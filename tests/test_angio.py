@@ -11,19 +11,23 @@ import pytest
 import torch
 from torch import nn
 
-from federation.tasks import angio, angio_dicom
-from federation.tasks.angio import VIEW_BOXES, VIEW_CLASSES, view_class
+from federation.tasks import angio
+from federation.tasks.angio import dicom as angio_dicom
+from federation.tasks.angio import preview, render
+from federation.tasks.angio.views import ARTERIES, VIEW_BOXES, VIEW_CLASSES, view_class
+from federation.tasks.base import TaskData
+from federation.tasks.dicom_files import select_frame
 
 
 @pytest.fixture(scope="module")
-def task() -> angio.TaskData:
+def task() -> TaskData:
     return angio.load_task_data(seed=4, n_train=240, n_test=48, image_size=32)
 
 
 def test_generator_is_deterministic_and_seeded() -> None:
-    a = angio.generate(16, seed=5, image_size=32)
-    b = angio.generate(16, seed=5, image_size=32)
-    c = angio.generate(16, seed=6, image_size=32)
+    a = render.generate(16, seed=5, image_size=32)
+    b = render.generate(16, seed=5, image_size=32)
+    c = render.generate(16, seed=6, image_size=32)
     assert np.array_equal(a.images, b.images)
     for field in ("view", "artery", "primary", "secondary", "sid", "scanner", "patient"):
         assert np.array_equal(getattr(a, field), getattr(b, field))
@@ -31,7 +35,7 @@ def test_generator_is_deterministic_and_seeded() -> None:
 
 
 def test_images_finite_in_range_and_labelled_by_their_angles() -> None:
-    data = angio.generate(64, seed=1, num_scanners=4, images_per_patient=8)
+    data = render.generate(64, seed=1, num_scanners=4, images_per_patient=8)
     assert data.images.shape == (64, 64, 64) and data.images.dtype == np.float32
     assert np.isfinite(data.images).all()
     assert data.images.min() >= 0.0 and data.images.max() <= 1.0
@@ -44,8 +48,8 @@ def test_images_finite_in_range_and_labelled_by_their_angles() -> None:
 
 
 def test_test_patients_are_held_out() -> None:
-    train = angio.generate(16, seed=2, stream=0, image_size=32)
-    test = angio.generate(16, seed=2, stream=1, image_size=32)
+    train = render.generate(16, seed=2, stream=0, image_size=32)
+    test = render.generate(16, seed=2, stream=1, image_size=32)
     assert not set(train.patient_ids) & set(test.patient_ids)
     assert not np.array_equal(train.images, test.images)
 
@@ -53,7 +57,7 @@ def test_test_patients_are_held_out() -> None:
 @pytest.mark.parametrize("view", range(len(VIEW_CLASSES)))
 def test_view_boxes_map_to_their_class(view: int) -> None:
     artery, (p_lo, p_hi), (s_lo, s_hi) = VIEW_BOXES[view]
-    name = angio.ARTERIES[artery]
+    name = ARTERIES[artery]
     assert view_class(name, (p_lo + p_hi) / 2, (s_lo + s_hi) / 2) == view
     assert view_class(artery, p_lo, s_hi) == view  # edges are inside
     assert view_class(name.lower(), p_hi, s_lo) == view
@@ -72,7 +76,7 @@ def test_angles_outside_every_box_have_no_class(
 
 
 def test_c_arm_follows_dicom_conventions() -> None:
-    d, r, u = angio.c_arm_axes(np.array([0.0, 90.0, 0.0]), np.array([0.0, 0.0, 90.0]))
+    d, r, u = render.c_arm_axes(np.array([0.0, 90.0, 0.0]), np.array([0.0, 0.0, 90.0]))
     assert np.allclose(d[0], [0, -1, 0])  # AP: beam posterior -> anterior (LPS: -y)
     assert np.allclose(r[0], [1, 0, 0]) and np.allclose(u[0], [0, 0, 1])  # left right, head up
     assert np.allclose(d[1], [1, 0, 0])  # LAO 90: detector at the patient's left
@@ -82,7 +86,7 @@ def test_c_arm_follows_dicom_conventions() -> None:
         assert np.allclose(basis @ basis.T, np.eye(3))
 
 
-def test_load_task_data_shapes_and_info(task: angio.TaskData) -> None:
+def test_load_task_data_shapes_and_info(task: TaskData) -> None:
     assert task.kind == "classification" and task.num_classes == 8
     assert task.class_names == VIEW_CLASSES and task.feature_range == (0.0, 1.0)
     assert task.x_train.shape == (240, 1, 32, 32) and task.x_train.dtype == torch.float32
@@ -97,7 +101,7 @@ def test_load_task_data_shapes_and_info(task: angio.TaskData) -> None:
         angio.load_task_data(n_train=8, n_test=8, label="stenosis")
 
 
-def _indexed(task: angio.TaskData) -> angio.TaskData:
+def _indexed(task: TaskData) -> TaskData:
     """The task with each row's index as its only pixel, to trace rows through a split."""
     n, m = len(task.y_train), len(task.y_test)
     return replace(
@@ -108,9 +112,7 @@ def _indexed(task: angio.TaskData) -> angio.TaskData:
 
 
 @pytest.mark.parametrize("scheme", ["iid", "non-iid"])
-def test_partitions_are_deterministic_disjoint_and_covering(
-    task: angio.TaskData, scheme: str
-) -> None:
+def test_partitions_are_deterministic_disjoint_and_covering(task: TaskData, scheme: str) -> None:
     data = _indexed(task)
     sites = angio.site_partition(data, num_sites=3, scheme=scheme, seed=7)
     again = angio.site_partition(data, num_sites=3, scheme=scheme, seed=7)
@@ -128,7 +130,7 @@ def test_partitions_are_deterministic_disjoint_and_covering(
     assert any(not torch.equal(a.x_train, b.x_train) for a, b in zip(sites, other, strict=True))
 
 
-def test_non_iid_sites_differ_in_scanners_and_views(task: angio.TaskData) -> None:
+def test_non_iid_sites_differ_in_scanners_and_views(task: TaskData) -> None:
     def spread(mixes: list[np.ndarray]) -> float:  # least total-variation distance
         return min(0.5 * np.abs(a - b).sum() for i, a in enumerate(mixes) for b in mixes[i + 1 :])
 
@@ -175,7 +177,7 @@ def _write(path: Path, image: np.ndarray, **overrides: object) -> Path:
 
 
 def test_dicom_write_read_round_trip(tmp_path: Path) -> None:
-    data = angio.generate(8, seed=1, image_size=32, images_per_patient=4)
+    data = render.generate(8, seed=1, image_size=32, images_per_patient=4)
     paths = angio_dicom.export_synthetic(tmp_path, n=8, seed=1, image_size=32, images_per_patient=4)
     assert not list(tmp_path.rglob("*.tmp"))  # atomic writes leave no temporaries
     ds = pydicom.dcmread(paths[3])
@@ -208,15 +210,15 @@ def test_multi_frame_run_uses_peak_opacification(tmp_path: Path) -> None:
     _write(tmp_path / "run.dcm", frames)
     assert int(pydicom.dcmread(tmp_path / "run.dcm").NumberOfFrames) == 4
     peak, _ = angio_dicom.read_folder(tmp_path, image_size=32)
-    assert np.allclose(peak.images[0], angio.normalize_image(frames[2]), atol=3e-3)
+    assert np.allclose(peak.images[0], render.normalize_image(frames[2]), atol=3e-3)
     first, _ = angio_dicom.read_folder(tmp_path, image_size=32, frame="first")
-    assert np.allclose(first.images[0], angio.normalize_image(mask), atol=3e-3)
+    assert np.allclose(first.images[0], render.normalize_image(mask), atol=3e-3)
     none, skipped = angio_dicom.read_folder(tmp_path, image_size=32, frame=7)
     assert len(none) == 0 and "out of range" in skipped[0][1]
-    assert angio_dicom.select_frame(frames) == 2
-    assert angio_dicom.select_frame(frames, -1) == 3
+    assert select_frame(frames) == 2
+    assert select_frame(frames, -1) == 3
     with pytest.raises(ValueError):
-        angio_dicom.select_frame(frames, "brightest")
+        select_frame(frames, "brightest")
 
 
 def test_resize_and_label_derivation_from_csv(tmp_path: Path) -> None:
@@ -265,7 +267,7 @@ def test_artery_from_free_text(text: str, artery: int | None) -> None:
 
 
 def test_unusable_files_are_skipped_with_reasons(tmp_path: Path) -> None:
-    image = angio.generate(1, seed=0, image_size=32).images[0]
+    image = render.generate(1, seed=0, image_size=32).images[0]
     _write(tmp_path / "good.dcm", image)
     (tmp_path / "notes.txt").write_text("not an image")
     _write(tmp_path / "no_angles.dcm", image, primary=None, secondary=None)
@@ -308,7 +310,7 @@ def test_task_from_a_dicom_folder_splits_by_patient(tmp_path: Path) -> None:
 
 
 def test_preview_png_is_written_atomically(tmp_path: Path) -> None:
-    out = angio.save_preview(tmp_path / "docs" / "preview.png", image_size=32, per_class=2)
+    out = preview.save_preview(tmp_path / "docs" / "preview.png", image_size=32, per_class=2)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in out.parent.iterdir()] == ["preview.png"]
     assert out.stat().st_mode & 0o777 == 0o644

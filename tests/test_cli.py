@@ -210,10 +210,10 @@ def test_site_with_missing_certificates_is_one_line(tmp_path, capsys) -> None:
 
 
 def test_the_angio_preview_goes_under_runs_by_default(tmp_path, monkeypatch, capsys) -> None:
-    from federation.tasks import angio
+    from federation.tasks.angio import preview
 
     written: list[Path] = []
-    monkeypatch.setattr(angio, "save_preview", lambda path, **_: written.append(path) or path)
+    monkeypatch.setattr(preview, "save_preview", lambda path, **_: written.append(path) or path)
     monkeypatch.chdir(tmp_path)
     assert main(["data", "angio"]) == 0
     assert main(["data", "angio", "--preview"]) == 0

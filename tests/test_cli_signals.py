@@ -113,6 +113,7 @@ def _insecure_deployment(tmp_path: Path) -> Path:
         "tls": {"enabled": False},
         "node_auth": {"enabled": False},
         "sites": [{"name": "a", "id": 0, "port": free_port()}],
+        "key": {"file": str(tmp_path / "federation.key"), "generate": True},
     }
     path = tmp_path / "d.yaml"
     path.write_text(yaml.safe_dump(data), encoding="utf-8")

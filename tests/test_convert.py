@@ -8,7 +8,9 @@ from torch import nn
 
 from federation.more import EncryptedTensor, FeatureRange, decrypt, encrypt
 from federation.nn import (
+    EncryptedSession,
     EncryptedSGD,
+    SessionConfig,
     Square,
     UnsupportedLayerError,
     encode_state_dict,
@@ -17,7 +19,6 @@ from federation.nn import (
     predict_encrypted,
     to_encrypted,
     to_plain,
-    train_encrypted,
     validate,
 )
 from federation.nn.check import compare_step
@@ -104,7 +105,6 @@ def test_sgd_matches_torch_with_nesterov(key) -> None:
     opt = torch.optim.SGD(
         plain.parameters(), lr=0.1, momentum=0.8, weight_decay=0.01, nesterov=True
     )
-    eopt = EncryptedSGD(twin, lr=0.1, momentum=0.8, weight_decay=0.01, nesterov=True)
     x = torch.rand(5, 3, dtype=torch.float64)
     y = torch.rand(5, 2, dtype=torch.float64)
     ex, ey = encrypt(x, key), encrypt(y, key)
@@ -112,7 +112,9 @@ def test_sgd_matches_torch_with_nesterov(key) -> None:
         opt.zero_grad()
         torch.nn.functional.mse_loss(plain(x), y).backward()
         opt.step()
-    train_encrypted(twin, ex, ey, loss="mse", optimizer=eopt, epochs=4, batch_size=5, seed=0)
+    hyper = {"lr": 0.1, "momentum": 0.8, "weight_decay": 0.01, "nesterov": True}
+    config = SessionConfig("sgd", hyper, batch_size=5, epochs=4)
+    EncryptedSession(twin, ex, ey, loss="mse", config=config).train()
     for name, t in to_plain(twin, key).state_dict().items():
         assert torch.allclose(t, plain.state_dict()[name], atol=1e-13, rtol=0)
 
@@ -120,14 +122,18 @@ def test_sgd_matches_torch_with_nesterov(key) -> None:
 def test_trainer_checks_lengths_keys_and_losses(key, other_key) -> None:
     twin = to_encrypted(nn.Sequential(nn.Linear(2, 2)).double())
     x = encrypt(torch.rand(4, 2, dtype=torch.float64), key)
-    kw = dict(optimizer=EncryptedSGD(twin, lr=0.1), epochs=1, batch_size=2, seed=0)
+    config = SessionConfig("sgd", {"lr": 0.1}, batch_size=2)
     with pytest.raises(ValueError, match="4 inputs but 3 targets"):
-        train_encrypted(twin, x, x[:3], loss="mse", **kw)
+        EncryptedSession(twin, x, x[:3], loss="mse", config=config)
     with pytest.raises(ValueError, match="unknown loss"):
-        train_encrypted(twin, x, x, loss="hinge", **kw)
+        EncryptedSession(twin, x, x, loss="hinge", config=config)
     y_other = encrypt(torch.rand(4, 2, dtype=torch.float64), other_key)
     with pytest.raises(ValueError, match="different keys"):
-        train_encrypted(twin, x, y_other, loss="mse", **kw)
+        EncryptedSession(twin, x, y_other, loss="mse", config=config)
+    with pytest.raises(ValueError, match="needs the site's key"):
+        EncryptedSession(twin, x, x, loss="mse", config=SessionConfig(refresh_every=10))
+    with pytest.raises(ValueError, match="unknown optimiser"):
+        SessionConfig("lbfgs")
     with pytest.raises(ValueError):
         EncryptedSGD(twin, lr=0.0)
 

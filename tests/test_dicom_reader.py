@@ -14,8 +14,16 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.uid import EnhancedXAImageStorage
 
-from federation.tasks import angio, angio_dicom
-from federation.tasks.angio import VIEW_BOXES, VIEW_CLASSES, view_class
+from federation.tasks import angio
+from federation.tasks.angio import dicom as angio_dicom
+from federation.tasks.angio.render import AngioSet
+from federation.tasks.angio.views import (
+    ARTERIES,
+    VIEW_BOXES,
+    VIEW_CLASSES,
+    angle_name,
+    view_class,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on cut UID values
 
@@ -74,7 +82,7 @@ def _enhanced(
     return path
 
 
-def _reasons(folder: Path, **options: object) -> tuple[angio.AngioSet, dict[str, str]]:
+def _reasons(folder: Path, **options: object) -> tuple[AngioSet, dict[str, str]]:
     data, skipped = angio_dicom.read_folder(folder, image_size=8, **options)  # type: ignore[arg-type]
     for path, reason in skipped:  # every refusal: one line, naming the file
         line = f"{path.name}: {reason}"
@@ -247,7 +255,7 @@ def test_gap_message_does_not_round_onto_the_box_edge(tmp_path: Path) -> None:
         "RAO 19.99 CAU 25 lies outside every LCA view box "
         "(nearest: LCA RAO caudal, RAO 45 to RAO 20, CAU 35 to CAU 15)"
     )
-    assert angio.angle_name(-19.99, -25.0) == "RAO 20 CAU 25"  # the rounding this avoids
+    assert angle_name(-19.99, -25.0) == "RAO 20 CAU 25"  # the rounding this avoids
 
 
 def _printed(message: str) -> tuple[float, float]:
@@ -272,7 +280,7 @@ def test_printed_gap_angles_stay_outside_every_box(artery: int) -> None:
                     continue
                 message = angio_dicom._outside_boxes(artery, *point)
                 assert view_class(artery, *_printed(message)) is None, message
-                assert f"every {angio.ARTERIES[artery]} view box (nearest: " in message
+                assert f"every {ARTERIES[artery]} view box (nearest: " in message
                 checked += 1
     assert checked > 50
     far = angio_dicom._outside_boxes(0, 80.2, 60.7)

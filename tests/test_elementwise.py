@@ -25,7 +25,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from federation.equivalence import compare_training
 from federation.more import (
     EncryptedTensor,
     MoreKey,
@@ -35,6 +34,8 @@ from federation.more import (
     encrypt,
     generate_key,
 )
+from federation.nn.check import compare_training
+from federation.nn.session import SessionConfig
 
 KEYS = [generate_key(s) for s in range(3)]
 CHANNELS = (decrypt, decrypt_shadow)
@@ -252,12 +253,14 @@ def test_float32_tanh_cnn_trains_encrypted_as_close_as_a_one_ulp_control() -> No
         y,
         key=generate_key(100),
         loss="cross_entropy",
-        dtype=torch.float32,
-        epochs=12,
-        batch_size=16,
-        lr=0.2,
-        momentum=0.9,
-        seed=0,
+        config=SessionConfig(
+            "sgd",
+            {"lr": 0.2, "momentum": 0.9},
+            batch_size=16,
+            epochs=12,
+            refresh_every=10,  # as sites do
+            dtype=torch.float32,
+        ),
         num_classes=4,
         feature_range=(-2.0, 2.0),
     )
@@ -268,7 +271,7 @@ def test_float32_tanh_cnn_trains_encrypted_as_close_as_a_one_ulp_control() -> No
             p.mul_(1 + torch.finfo(torch.float32).eps)
     control = _plain_sgd(moved, x.float(), y, 12).state_dict()
     ulp_control = max(float((control[k] - v).abs().max()) for k, v in reference.items())
-    assert 0 < cmp.param_abs <= 8 * ulp_control, (cmp.param_abs, ulp_control)
+    assert 0 < cmp.state.abs <= 8 * ulp_control, (cmp.state.abs, ulp_control)
 
 
 # --- B. every function, both channels, whole ranges -----------------------------------------

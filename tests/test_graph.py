@@ -23,6 +23,7 @@ from federation.nn import (
     validate,
 )
 from federation.nn.check import compare_step, compare_training
+from federation.nn.session import SessionConfig
 
 
 class Residual(nn.Module):
@@ -131,12 +132,9 @@ def test_traced_module_trains_like_torch(key) -> None:
         y,
         key=key,
         loss="cross_entropy",
-        optimizer="adam",
-        epochs=2,
-        batch_size=8,
+        config=SessionConfig("adam", {"lr": 0.01}, batch_size=8, epochs=2),
         num_classes=3,
         feature_range=(0.0, 1.0),
-        lr=0.01,
     )
     assert cmp.state.abs <= 1e-9 and cmp.outputs.abs <= 1e-9, cmp
 

@@ -41,7 +41,7 @@ from federation.config import (
     load_experiment,
 )
 from federation.more.keys import KEY_FORMAT, KeyFileError, MoreKey, generate_key, load_key, save_key
-from federation.tasks import angio_dicom
+from federation.tasks.angio import dicom as angio_dicom
 from federation.tasks.mnist import MnistDataError, load_task_data, read_idx
 
 pytestmark = [  # pydicom and numpy warn about the hostile values themselves

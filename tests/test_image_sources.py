@@ -43,6 +43,7 @@ from federation import protocol
 from federation.config import experiment_from_dict
 from federation.experiment import initial_model, site_data
 from federation.nn.check import FLOAT64_ABS_TOL, compare_training
+from federation.nn.session import SessionConfig
 from federation.tasks import dicom, images, models
 from federation.tasks.base import default_site_partition
 from federation.tasks.stats import DataStats, data_stats, prepare
@@ -80,12 +81,7 @@ def _train_check(key, data) -> None:
         data.y_train[:24],
         key=key,
         loss="cross_entropy",
-        dtype=torch.float64,
-        epochs=2,
-        batch_size=8,
-        lr=0.1,
-        momentum=0.9,
-        seed=3,
+        config=SessionConfig("sgd", {"lr": 0.1, "momentum": 0.9}, batch_size=8, epochs=2, seed=3),
         num_classes=data.num_classes,
         feature_range=data.feature_range,
         x_eval=data.x_test,

@@ -25,6 +25,7 @@ from federation.nn import (
     loss_from_torch,
 )
 from federation.nn.check import compare_training
+from federation.nn.session import SessionConfig
 
 CLASS_W = (0.5, 2.0, 1.0, 1.5)
 
@@ -100,14 +101,10 @@ def test_training_with_each_loss_equals_plaintext(key, loss) -> None:
         y,
         key=key,
         loss=loss,
-        optimizer="sgd",
-        epochs=2,
-        batch_size=8,
+        config=SessionConfig("sgd", {"lr": 0.2, "momentum": 0.9}, batch_size=8, epochs=2),
         num_classes=4,
         feature_range=(0.0, 1.0),
         target_range=(0.0, 1.0) if isinstance(loss, BCEWithLogits) else (-1.0, 1.0),
-        lr=0.2,
-        momentum=0.9,
     )
     assert cmp.state.abs <= 1e-9 and cmp.outputs.abs <= 1e-9, cmp
     assert cmp.passed

@@ -3,6 +3,8 @@ reported; valid-label shadows stay finite and give exactly the plaintext result.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,15 +19,17 @@ from federation.more import (
 )
 from federation.more.health import diagnose
 from federation.nn import (
-    EncryptedSGD,
+    EncryptedSession,
+    PlainSession,
+    SessionConfig,
     TrainingDivergedError,
     encrypted_parameters,
     to_encrypted,
     to_plain,
-    train_encrypted,
-    train_plain,
 )
 from federation.tasks import mnist
+
+SGD = SessionConfig("sgd", {"lr": 0.5, "momentum": 0.9}, batch_size=64, epochs=2)
 
 
 def _run_unchecked(key, data):
@@ -36,16 +40,7 @@ def _run_unchecked(key, data):
     ex = encrypt(x, key, FeatureRange(0.0, 1.0), seed=0)
     ey = encrypt(F.one_hot(y, 10).double(), key, FeatureRange(0.0, 1.0), seed=1)
     try:
-        train_encrypted(
-            twin,
-            ex,
-            ey,
-            loss="cross_entropy",
-            optimizer=EncryptedSGD(twin, lr=0.5, momentum=0.9),
-            epochs=2,
-            batch_size=64,
-            seed=0,
-        )
+        EncryptedSession(twin, ex, ey, loss="cross_entropy", config=SGD).train()
     except TrainingDivergedError:
         pass
     return None, twin, x, y, ex
@@ -63,17 +58,7 @@ def _run(key, data, policy, dtype):
     def check(epoch, model):
         check_tensors(encrypted_parameters(model), key).raise_if_unhealthy()
 
-    train_encrypted(
-        twin,
-        ex,
-        ey,
-        loss="cross_entropy",
-        optimizer=EncryptedSGD(twin, lr=0.5, momentum=0.9),
-        epochs=2,
-        batch_size=64,
-        seed=0,
-        callback=check,
-    )
+    EncryptedSession(twin, ex, ey, loss="cross_entropy", config=SGD, callback=check).train()
     return plain, twin, x, y, ex
 
 
@@ -104,8 +89,7 @@ def test_valid_label_shadows_stay_finite_and_exact(key, digits, dtype) -> None:
     plain, twin, x, y, _ = _run(key, digits, ValidLabel(10), dtype)
     report = check_tensors(encrypted_parameters(twin), key)
     assert report.healthy and report.shadow_max < 10
-    opt = torch.optim.SGD(plain.parameters(), lr=0.5, momentum=0.9)
-    train_plain(plain, x, y, loss="cross_entropy", optimizer=opt, epochs=2, batch_size=64, seed=0)
+    PlainSession(plain, x, y, loss="cross_entropy", config=replace(SGD, dtype=dtype)).train()
     dec = to_plain(twin, key).state_dict()
     dev = max(float((dec[k] - v).abs().max()) for k, v in plain.state_dict().items())
     scale = max(float(v.abs().max()) for v in plain.state_dict().values())
@@ -123,33 +107,22 @@ def test_site_refresh_stops_round_off_from_growing_outside_the_algebra(key, digi
     (lr 0.05: at lr 0.1 with momentum 0.9 this plaintext run is itself chaotic; a 1e-15
     perturbation of its initial weights grows to 1e-5 in the same 378 steps.)"""
     from federation.more import leakage
-    from federation.refresh import refresher
 
     x, y = digits.x_train.double().flatten(1), digits.y_train
     ex = encrypt(x, key, FeatureRange(0.0, 1.0), seed=0)
     ey = encrypt(F.one_hot(y, 10).double(), key, ValidLabel(10), seed=1)
     mixing = {}
+    sgd = SessionConfig("sgd", {"lr": 0.05, "momentum": 0.9}, batch_size=16, epochs=6)
     for every in (0, 10):
         torch.manual_seed(0)
         plain = nn.Sequential(nn.Linear(784, 32), nn.Tanh(), nn.Linear(32, 10)).double()
         twin = to_encrypted(plain, None)
-        opt = EncryptedSGD(twin, lr=0.05, momentum=0.9)
-        train_encrypted(
-            twin,
-            ex,
-            ey,
-            loss="cross_entropy",
-            optimizer=opt,
-            epochs=6,
-            batch_size=16,
-            seed=0,
-            step_hook=refresher(twin, opt, key, every),
-        )
+        config = replace(sgd, refresh_every=every)
+        EncryptedSession(twin, ex, ey, loss="cross_entropy", config=config, key=key).train()
         params = encrypted_parameters(twin).values()
         mixing[every] = max(float(leakage(p.detach(), key).max()) for p in params)
     assert mixing[10] < 1e-13
     assert mixing[0] > 1e3 * mixing[10]
-    popt = torch.optim.SGD(plain.parameters(), lr=0.05, momentum=0.9)
-    train_plain(plain, x, y, loss="cross_entropy", optimizer=popt, epochs=6, batch_size=16, seed=0)
+    PlainSession(plain, x, y, loss="cross_entropy", config=sgd).train()
     dec = to_plain(twin, key).state_dict()
     assert max(float((dec[k] - v).abs().max()) for k, v in plain.state_dict().items()) <= 1e-9

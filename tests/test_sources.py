@@ -24,6 +24,7 @@ from federation.config import experiment_from_dict
 from federation.experiment import initial_model, site_data
 from federation.nn.check import FLOAT64_ABS_TOL, compare_training
 from federation.nn.convert import to_encrypted
+from federation.nn.session import SessionConfig
 from federation.tasks import arrays, models, tabular
 from federation.tasks.base import default_site_partition
 from federation.tasks.stats import (
@@ -234,12 +235,7 @@ def _train_check(key, data, arch: str = "mlp", **options) -> None:
         data.y_train[:32],
         key=key,
         loss="cross_entropy" if classify else "mse",
-        dtype=torch.float64,
-        epochs=2,
-        batch_size=8,
-        lr=0.1,
-        momentum=0.9,
-        seed=3,
+        config=SessionConfig("sgd", {"lr": 0.1, "momentum": 0.9}, batch_size=8, epochs=2, seed=3),
         num_classes=data.num_classes,
         feature_range=data.feature_range,
         target_range=data.target_range,

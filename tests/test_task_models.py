@@ -21,7 +21,10 @@ from federation.config import load_experiment
 from federation.experiment import initial_model
 from federation.nn import EncryptedGraphModule, to_encrypted, to_plain
 from federation.nn.check import compare_step, compare_training
+from federation.nn.session import SessionConfig
 from federation.tasks import angio, mnist, wbc
+from federation.tasks.angio.model import AngioResNet
+from federation.tasks.angio.render import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +54,7 @@ def _load(name: str, request: pytest.FixtureRequest) -> tuple[torch.Tensor, torc
         )
         return digits.x_train.double(), digits.y_train
     if name == "angio-resnet":
-        images = angio.generate(24, seed=3, image_size=64)
+        images = generate(24, seed=3, image_size=64)
         return torch.from_numpy(images.images).unsqueeze(1).double(), torch.from_numpy(images.view)
     sim = wbc.generate_dataset(24, seed=3, n_beats=30, steps_per_beat=200)
     outputs = (sim.outputs - sim.outputs.mean(axis=0)) / sim.outputs.std(axis=0)
@@ -79,17 +82,18 @@ def _train(case: Case, x: torch.Tensor, y: torch.Tensor, key, dtype: torch.dtype
         y[:16],
         key=key,
         loss=case.loss,
-        dtype=dtype,
-        epochs=2,
-        batch_size=8,
-        seed=5,
+        config=SessionConfig(
+            "sgd",
+            {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4},
+            batch_size=8,
+            epochs=2,
+            dtype=dtype,
+            seed=5,
+        ),
         num_classes=case.outputs if case.loss != "mse" else None,
         feature_range=case.feature_range,
         target_range=targets,
         x_eval=x[16:],
-        lr=0.05,
-        momentum=0.9,
-        weight_decay=1e-4,
     )
 
 
@@ -156,7 +160,7 @@ def test_encrypted_training_equals_plaintext_float32(name: str, key, data) -> No
     [
         ("mnist-relu.yaml", "relu-cnn", nn.Sequential),
         ("wbc-bn.yaml", "bn-mlp", nn.Sequential),
-        ("angio-resnet.yaml", "resnet", angio.AngioResNet),
+        ("angio-resnet.yaml", "resnet", AngioResNet),
     ],
 )
 def test_configs_select_the_modern_models(config: str, arch: str, kind: type) -> None:

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from federation.equivalence import FLOAT32_REL_TOL, FLOAT64_ABS_TOL, compare_training
-from federation.nn import Square
+from federation.nn import SessionConfig, Square
+from federation.nn.check import FLOAT32_REL_TOL, FLOAT64_ABS_TOL, compare_training
 
 
 def mlp(outputs: int) -> nn.Module:
@@ -59,24 +59,26 @@ def test_encrypted_training_equals_plaintext_training(key, build, loss, dtype) -
         y,
         key=key,
         loss=loss,
-        dtype=dtype,
-        epochs=3,
-        batch_size=16,
-        lr=0.3,
-        momentum=0.9,
-        weight_decay=1e-3,
-        seed=5,
+        config=SessionConfig(
+            "sgd",
+            {"lr": 0.3, "momentum": 0.9, "weight_decay": 1e-3},
+            batch_size=16,
+            epochs=3,
+            refresh_every=10,  # as sites do
+            dtype=dtype,
+            seed=5,
+        ),
         num_classes=outputs,
         feature_range=(0.0, 1.0),
         target_range=(-1.0, 1.0),
         x_eval=x_eval,
     )
     if dtype == torch.float64:
-        assert cmp.param_abs <= FLOAT64_ABS_TOL
-        assert cmp.output_abs <= FLOAT64_ABS_TOL
+        assert cmp.state.abs <= FLOAT64_ABS_TOL
+        assert cmp.outputs.abs <= FLOAT64_ABS_TOL
     else:
-        assert cmp.param_rel <= FLOAT32_REL_TOL
-        assert cmp.output_rel <= FLOAT32_REL_TOL
+        assert cmp.state.rel <= FLOAT32_REL_TOL
+        assert cmp.outputs.rel <= FLOAT32_REL_TOL
     assert cmp.passed
 
 
@@ -88,20 +90,12 @@ def test_training_actually_moves_the_weights(key) -> None:
     x = torch.rand(32, 1, 6, 6, dtype=torch.float64)
     y = torch.randint(4, (32,))
     from federation.more import FeatureRange, ValidLabel, encrypt
-    from federation.nn import EncryptedSGD, to_encrypted, to_plain, train_encrypted
+    from federation.nn import EncryptedSession, to_encrypted, to_plain
 
     twin = to_encrypted(model.double(), None)
     ex = encrypt(x, key, FeatureRange(0, 1), seed=0)
     ey = encrypt(torch.nn.functional.one_hot(y, 4).double(), key, ValidLabel(4), seed=1)
-    train_encrypted(
-        twin,
-        ex,
-        ey,
-        loss="cross_entropy",
-        optimizer=EncryptedSGD(twin, lr=0.5),
-        epochs=1,
-        batch_size=8,
-        seed=0,
-    )
+    config = SessionConfig("sgd", {"lr": 0.5}, batch_size=8)
+    EncryptedSession(twin, ex, ey, loss="cross_entropy", config=config).train()
     after = to_plain(twin, key).state_dict()
     assert all(float((after[k] - before[k].double()).abs().max()) > 1e-4 for k in before)

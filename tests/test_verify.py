@@ -12,10 +12,11 @@ import torch
 from torch import nn
 
 from federation import bench, verify
-from federation.nn.check import OPTIMIZERS, compare_step
+from federation.nn.check import compare_step
 from federation.nn.graph import trace
 from federation.nn.layers import TWINS
 from federation.nn.losses import LOSSES
+from federation.nn.optim import OPTIMIZERS
 
 
 def test_every_layer_with_an_encrypted_twin_has_a_verify_case() -> None:

@@ -1,4 +1,4 @@
-"""Encrypted layers, losses, optimisers, torch <-> encrypted conversion, the trainer (no keys)."""
+"""Encrypted layers, losses, optimisers, torch <-> encrypted conversion, training sessions."""
 
 from federation.nn.convert import (
     UnsupportedLayerError,
@@ -28,12 +28,16 @@ from federation.nn.losses import (
     plain_loss,
 )
 from federation.nn.optim import EncryptedAdam, EncryptedAdamW, EncryptedOptimizer, EncryptedSGD
-from federation.nn.train import (
+from federation.nn.session import (
+    EncryptedSession,
+    PlainSession,
+    SessionConfig,
     TrainingDivergedError,
     batch_order,
+    encode_targets,
+    plain_targets,
     predict_encrypted,
-    train_encrypted,
-    train_plain,
+    target_shadow,
 )
 
 __all__ = [
@@ -49,13 +53,17 @@ __all__ = [
     "EncryptedLoss",
     "EncryptedOptimizer",
     "EncryptedSGD",
+    "EncryptedSession",
     "Huber",
+    "PlainSession",
+    "SessionConfig",
     "SmoothL1",
     "Square",
     "TrainingDivergedError",
     "UnsupportedLayerError",
     "batch_order",
     "encode_state_dict",
+    "encode_targets",
     "encrypted_buffers",
     "encrypted_parameters",
     "get_loss",
@@ -64,10 +72,10 @@ __all__ = [
     "loss_gradient",
     "model_fingerprint",
     "plain_loss",
+    "plain_targets",
     "predict_encrypted",
+    "target_shadow",
     "to_encrypted",
     "to_plain",
-    "train_encrypted",
-    "train_plain",
     "validate",
 ]

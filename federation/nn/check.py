@@ -10,16 +10,13 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
-from federation.more.cipher import FeatureRange, RegressionRange, ValidLabel, decrypt, encrypt
+from federation.more.cipher import FeatureRange, decrypt, encrypt
 from federation.more.keys import MoreKey
-from federation.more.tensor import EncryptedTensor
 from federation.nn.convert import (
     encrypted_buffers,
     encrypted_gradients,
@@ -27,9 +24,15 @@ from federation.nn.convert import (
     to_encrypted,
     to_plain,
 )
-from federation.nn.losses import LossSpec, get_loss
-from federation.nn.optim import OPTIMIZERS
-from federation.nn.train import predict_encrypted, train_encrypted, train_plain
+from federation.nn.losses import LossSpec
+from federation.nn.session import (
+    EncryptedSession,
+    PlainSession,
+    SessionConfig,
+    encrypt_examples,
+    predict_encrypted,
+    target_shadow,
+)
 
 # Acceptance bounds of the central property (design note, section 4).
 FLOAT64_ABS_TOL = 1e-9
@@ -53,6 +56,13 @@ class Deviation:
         scale = max(float(b.double().abs().max()) for _, b in pairs)
         return cls(diff, diff / max(scale, 1e-30))
 
+    @classmethod
+    def between(
+        cls, got: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor]
+    ) -> Deviation:
+        """Of two state dicts (or any named tensors) with the same names; ``want`` scales."""
+        return cls.of(_paired(got, want))
+
     def within(self, dtype: torch.dtype) -> bool:
         """The design's bound: absolute in float64, relative in float32."""
         return (
@@ -66,24 +76,6 @@ def _paired(
     if set(decrypted) != set(plain):
         raise ValueError(f"keys differ: {sorted(set(decrypted) ^ set(plain))}")
     return [(decrypted[k], plain[k]) for k in plain]
-
-
-def encrypt_targets(
-    y: torch.Tensor,
-    key: MoreKey,
-    loss: LossSpec,
-    dtype: torch.dtype,
-    *,
-    num_classes: int | None = None,
-    target_range: tuple[float, float] | None = None,
-    seed: int | None = None,
-) -> EncryptedTensor:
-    """Targets under the shadow rule: valid one-hot labels, or uniform over the target range."""
-    if get_loss(loss).categorical:
-        k = num_classes if num_classes is not None else int(y.max()) + 1
-        return encrypt(F.one_hot(y.long(), k).to(dtype), key, ValidLabel(k), seed=seed)
-    lo, hi = target_range if target_range is not None else (float(y.min()), float(y.max()))
-    return encrypt(y.to(dtype), key, RegressionRange(lo, hi), seed=seed)
 
 
 def _feature_range(x: torch.Tensor, given: tuple[float, float] | None) -> FeatureRange:
@@ -164,64 +156,36 @@ def compare_training(
     *,
     key: MoreKey,
     loss: LossSpec,
-    optimizer: str = "sgd",
-    dtype: torch.dtype = torch.float64,
-    epochs: int = 1,
-    batch_size: int = 16,
-    seed: int = 0,
+    config: SessionConfig,
     num_classes: int | None = None,
     feature_range: tuple[float, float] | None = None,
     target_range: tuple[float, float] | None = None,
     x_eval: torch.Tensor | None = None,
     scheduler: Callable[[torch.optim.Optimizer], LRScheduler] | None = None,
-    **hyper: Any,
 ) -> TrainingComparison:
     """Train ``model`` with torch and its key-free twin on ciphertexts, then compare.
 
-    ``optimizer`` names a pair of :data:`OPTIMIZERS` built with ``hyper`` (torch's keywords);
-    ``scheduler(opt)`` (e.g. ``lambda o: StepLR(o, 1)``) is built for both and stepped after
-    each epoch. The global RNG is seeded alike before both runs (dropout masks agree).
+    Both sessions run ``config`` (the encrypted one refreshes with ``key`` every
+    ``config.refresh_every`` steps, as a site does); ``scheduler(opt)`` (e.g.
+    ``lambda o: StepLR(o, 1)``) is built for both and stepped after each epoch. The global
+    RNG is seeded alike before both runs (dropout masks agree). Inference is compared on
+    ``x_eval`` (default: ``x``).
     """
-    plain_cls, enc_cls = OPTIMIZERS[optimizer]
+    dtype, seed = config.dtype, config.seed
     plain = copy.deepcopy(model).to(dtype)
     twin = to_encrypted(plain, None, dtype=dtype)
     x = x.to(dtype)
     x_eval = x if x_eval is None else x_eval.to(dtype)
-    criterion = get_loss(loss)
-    y_plain = y.long() if criterion.categorical else y.to(dtype)
-    opt = plain_cls(plain.parameters(), **hyper)
     torch.manual_seed(seed)
-    train_plain(
-        plain,
-        x,
-        y_plain,
-        loss=criterion,
-        optimizer=opt,
-        epochs=epochs,
-        batch_size=batch_size,
-        seed=seed,
-        scheduler=scheduler(opt) if scheduler else None,
-    )
+    PlainSession(plain, x, y, loss=loss, config=config, scheduler=scheduler).train()
     features = _feature_range(x, feature_range)
-    ex = encrypt(x, key, features, seed=seed + 1)
-    ey = encrypt_targets(
-        y, key, criterion, dtype, num_classes=num_classes, target_range=target_range, seed=seed + 2
+    shadow = target_shadow(y, loss, num_classes=num_classes, target_range=target_range)
+    ex, ey = encrypt_examples(
+        x, y, key, features=features, target=shadow, dtype=dtype, seed=seed + 1
     )
-    eopt = enc_cls(twin, **hyper)
     torch.manual_seed(seed)
-    train_encrypted(
-        twin,
-        ex,
-        ey,
-        loss=criterion,
-        optimizer=eopt,
-        epochs=epochs,
-        batch_size=batch_size,
-        seed=seed,
-        scheduler=scheduler(eopt) if scheduler else None,
-    )
-    decrypted = to_plain(twin, key).state_dict()
-    state = Deviation.of(_paired(decrypted, plain.state_dict()))
+    EncryptedSession(twin, ex, ey, loss=loss, config=config, key=key, scheduler=scheduler).train()
+    state = Deviation.between(to_plain(twin, key).state_dict(), plain.state_dict())
     plain.eval()
     with torch.no_grad():
         out_plain = plain(x_eval)

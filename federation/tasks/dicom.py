@@ -41,8 +41,8 @@ Options (``task.options``):
 - ``test_fraction`` (default 0.2), ``normalise`` (default ``auto``), ``delimiter`` (default
   ``,``) as for the other sources.
 
-Pixels are read as for angiography (:func:`federation.tasks.angio_dicom.open_dicom` and
-:func:`~federation.tasks.angio_dicom.read_pixels`): compressed transfer syntaxes through
+Pixels are read as for angiography (:func:`federation.tasks.dicom_files.open_dicom` and
+:func:`~federation.tasks.dicom_files.read_pixels`): compressed transfer syntaxes through
 pydicom's decoders, rescale slope/intercept or the Modality LUT applied, MONOCHROME1 inverted.
 Every file that cannot be used (not DICOM, truncated, no pixel data, an excluded modality,
 undecodable pixels, no label row, a label not in ``classes``, rows that disagree, a second
@@ -67,8 +67,8 @@ import torch
 from torch import nn
 
 from federation.tasks import models
-from federation.tasks.angio_dicom import open_dicom, read_pixels, select_frame
 from federation.tasks.base import TaskData, classification_split
+from federation.tasks.dicom_files import open_dicom, read_pixels, select_frame
 from federation.tasks.images import (
     FITS,
     RESAMPLE,
