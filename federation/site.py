@@ -42,6 +42,7 @@ from federation.nn.convert import (
 )
 from federation.nn.losses import plain_loss
 from federation.nn.optim import optimizer_arrays, split_arrays
+from federation.nn.refresh import model_ciphertexts, refresh_in_place
 from federation.nn.session import (
     EncryptedSession,
     PlainSession,
@@ -49,7 +50,6 @@ from federation.nn.session import (
     plain_targets,
     predict_encrypted,
 )
-from federation.refresh import model_ciphertexts, refresh_in_place
 from federation.secure_stats import SiteValues
 from federation.tasks.base import TaskData
 from federation.tasks.stats import DataStats, data_stats

@@ -23,7 +23,7 @@ from federation.nn import (
 )
 from federation.nn.check import Deviation
 from federation.nn.optim import OPTIMIZERS
-from federation.refresh import refresher
+from federation.nn.refresh import refresher
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: threads only contend
 

@@ -7,7 +7,7 @@ logarithm. Both take one :class:`SessionConfig`, draw the same seeded batches
 (:func:`batch_order`) and share ``step``, ``epoch`` and ``train``: that is what the central
 property (decrypt(encrypted training) == plaintext training) is measured on, and what the
 benches time. The step never sees a key; an encrypted session given the site's key uses it
-only to re-encrypt the model and optimiser state (:mod:`federation.refresh`).
+only to re-encrypt the model and optimiser state (:mod:`federation.nn.refresh`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from federation.more.tensor import EncryptedTensor, join_fingerprints
 from federation.nn.convert import model_fingerprint, set_model_fingerprint
 from federation.nn.losses import LossSpec, get_loss
 from federation.nn.optim import OPTIMIZERS, EncryptedOptimizer, load_optimizer_arrays
-from federation.refresh import StepHook, refresh_in_place, refresher
+from federation.nn.refresh import StepHook, refresh_in_place, refresher
 
 
 class TrainingDivergedError(RuntimeError):
