@@ -25,6 +25,7 @@ import importlib
 import io
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from types import ModuleType
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 from matplotlib.figure import Figure
 from torch import nn
 
@@ -50,6 +52,7 @@ from federation.nn.session import (
     encrypt_examples,
     target_shadow,
 )
+from federation.protocol import MODE_ENCRYPTED, MODE_PLAINTEXT
 from federation.tasks import get_task
 
 REPORT = "bench-suite.md"
@@ -63,6 +66,9 @@ GEMM_BOUND = 8.0
 """Multiply-adds of a 2x2 ciphertext product per plaintext multiply-add."""
 
 Print = Callable[[str], None]
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+"""The shipped experiments (section 6 runs a copy of ``wbc.yaml``)."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,8 @@ class SuiteSizes:
     widths: tuple[int, ...]  # section 4
     scale_batches: tuple[int, ...]
     scale_steps: int
+    site_counts: tuple[int, ...] = ()  # section 6: simulated sites (a real Flower simulation)
+    federated_rounds: int = 3
 
 
 QUICK = SuiteSizes(
@@ -92,7 +100,7 @@ QUICK = SuiteSizes(
 FULL = SuiteSizes(
     batches=20, batch=64, repeats=3, angio_size=64, mlp_hidden=128, sites=3, logreg_train=200,
     logreg_test=400, logreg_epochs=2, logreg_side=14, widths=(32, 64, 128, 256, 512),
-    scale_batches=(16, 64, 256), scale_steps=10,
+    scale_batches=(16, 64, 256), scale_steps=10, site_counts=(3, 30, 100, 300),
 )  # fmt: skip
 
 
@@ -743,11 +751,71 @@ def _scaling_table(rows: list[ScalingRow], batches: Sequence[int]) -> list[str]:
     return out
 
 
+# --- 6. Federated rounds against the number of sites --------------------------------------
+
+
+@dataclass(frozen=True)
+class FederationRow:
+    """Median seconds of a simulated round after the first (which also loads and encrypts
+    each site's data), encrypted and plaintext, in one ``more-fl run``."""
+
+    sites: int
+    secure: bool
+    encrypted_s: float
+    plain_s: float
+
+    @property
+    def ratio(self) -> float:
+        return self.encrypted_s / self.plain_s
+
+
+def bench_federation(sites: int, rounds: int, *, secure: bool = False) -> FederationRow:
+    """``configs/wbc.yaml`` with ``sites`` simulated sites (Flower's simulation on this
+    machine, a SuperLink of its own), encrypted and the plaintext baseline."""
+    from federation.launch import run_federation  # starts Flower processes: tools only
+    from federation.report import load_histories
+
+    experiment = yaml.safe_load((CONFIGS / "wbc.yaml").read_text(encoding="utf-8"))
+    experiment["training"]["rounds"] = rounds
+    experiment["sites"]["count"] = sites
+    experiment["federation"]["secure_aggregation"]["enabled"] = secure
+    with tempfile.TemporaryDirectory(prefix="bench-federation-") as tmp:
+        path = Path(tmp) / "wbc.yaml"
+        path.write_text(yaml.safe_dump(experiment), encoding="utf-8")
+        result = run_federation(
+            path, sites=sites, output_dir=Path(tmp) / "run", resume=False,
+            centralised=False, echo=lambda _: None,
+        )  # fmt: skip
+        if not result.ok:
+            raise RuntimeError(f"the {sites}-site federation failed: {result.cause}")
+        histories = load_histories(Path(tmp) / "run")
+    later = {
+        mode: statistics.median(e["seconds"] for e in history[1:])
+        for mode, history in histories.items()
+    }
+    return FederationRow(sites, secure, later[MODE_ENCRYPTED], later[MODE_PLAINTEXT])
+
+
+def _federation_table(rows: list[FederationRow]) -> list[str]:
+    out = [
+        "| sites | secure aggregation | encrypted round (s) | plaintext round (s) | ratio "
+        "| encrypted per site (ms) |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    out += [
+        f"| {r.sites} | {'SecAgg+' if r.secure else 'no'} | {r.encrypted_s:.2f} | "
+        f"{r.plain_s:.2f} | {r.ratio:.2f} | {1e3 * r.encrypted_s / r.sites:.0f} |"
+        for r in rows
+    ]
+    return out
+
+
 def _headline(
     epochs: list[EpochRow],
     aggregation: list[AggregationRow],
     logreg: list[LogRegRow],
     sizes: SuiteSizes,
+    federation: list[FederationRow],
 ) -> list[str]:
     """One table of the suite's key figures, plaintext / MORE / CKKS side by side (the
     README's performance headline). Rows are in the order the benches return them."""
@@ -798,6 +866,15 @@ def _headline(
         ),
         row(f"training epoch ({batches}), {models}: time ratio", ["1", ratios, "-"]),
         row("same: step memory ratio", ["1", memory, "-"]),
+        *(
+            row(
+                f"simulated WBC round, {r.sites} sites"
+                + (", SecAgg+" if r.secure else "")
+                + " (s, later rounds)",
+                [f"{r.plain_s:.2f}", f"{r.encrypted_s:.2f} ({r.ratio:.1f}x)", "-"],
+            )
+            for r in federation
+        ),
     ]
 
 
@@ -1009,10 +1086,26 @@ def _run(out_dir: Path, quick: bool, print_fn: Print) -> Path:
         body = ["No CUDA device here: skipped."]
     section(f"5. Training epoch per task model on GPU ({_gpu_name()})", body)
 
+    federation = [bench_federation(n, sizes.federated_rounds) for n in sizes.site_counts]
+    if sizes.site_counts:
+        federation.append(bench_federation(3, sizes.federated_rounds, secure=True))
+    section(
+        "6. Federated rounds against the number of sites (Flower simulation, CPU)",
+        [
+            f"`configs/wbc.yaml`, {sizes.federated_rounds} rounds, one `more-fl run` per row "
+            "(encrypted and the plaintext baseline); the median of the rounds after the "
+            "first, which also loads and encrypts the data. Simulated sites share this "
+            "machine's cores, so a round grows with the site count; the last row masks the "
+            "updates with SecAgg+.",
+            "",
+            *(_federation_table(federation) if federation else ["Skipped in quick mode."]),
+        ],
+    )
+
     lines += [
         "## Headline",
         "",
-        *_headline(epochs, aggregation, logreg, sizes),
+        *_headline(epochs, aggregation, logreg, sizes, federation),
         "",
         *sections,
         f"Suite run time: {time.perf_counter() - started:.1f} s.",
