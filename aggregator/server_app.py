@@ -23,7 +23,7 @@ that says so, and a failed Flower run status.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from logging import DEBUG, ERROR, INFO, WARNING
 from pathlib import Path
 
@@ -99,7 +99,7 @@ class RunFailed(RuntimeError):
     """The run could not complete; the message is the one line that says why."""
 
 
-def modes(config: ExperimentConfig, baseline: bool) -> list[str]:
+def modes(config: ExperimentConfig, baseline: bool) -> list[protocol.Mode]:
     """The federated runs to do: the configured mode, plus the plaintext baseline."""
     if not config.federation.encrypted:
         return [protocol.MODE_PLAINTEXT]
@@ -117,7 +117,7 @@ def site_count(grid: Grid, config: ExperimentConfig) -> int:
 def run_mode(
     grid: Grid,
     config: ExperimentConfig,
-    mode: str,
+    mode: protocol.Mode,
     output_dir: Path,
     settings: RunSettings,
     digest: str,
@@ -125,13 +125,11 @@ def run_mode(
     resume: bool,
 ) -> list[dict]:
     """One federated run (encrypted or plaintext) into ``<output_dir>/<mode>``."""
-    encrypted = mode == protocol.MODE_ENCRYPTED
-    mode_config = replace(config, federation=replace(config.federation, encrypted=encrypted))
-    initial = initial_arrays(mode_config)
+    initial = initial_arrays(config, mode)
     strategy = EncryptedFedAvg(
         expected={k: tuple(v.shape) for k, v in initial.items()},
         counters=counter_names(initial),
-        encrypted=encrypted,
+        encrypted=mode is protocol.Mode.ENCRYPTED,
         num_sites=config.sites.count,
         min_sites=config.federation.min_sites,
         join_timeout=settings.join_timeout,

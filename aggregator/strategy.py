@@ -158,7 +158,7 @@ class EncryptedFedAvg(FedAvg):
     def _settings(self, config: ConfigRecord) -> ConfigRecord:
         """The mode, and the federation's fingerprint once known (a site under another key
         can then refuse at once instead of training on ciphertexts it cannot read)."""
-        config[protocol.MODE] = self.policy.mode
+        config[protocol.MODE] = str(self.policy.mode)  # a plain string on the wire
         for name, value in self.settings.items():
             config[name] = value
         if self.fingerprint is not None:

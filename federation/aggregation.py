@@ -21,6 +21,7 @@ from federation.config import ExperimentConfig
 from federation.experiment import dtype_of, initial_model, make_optimizer, train_centralised
 from federation.nn.convert import to_encrypted
 from federation.nn.optim import optimizer_arrays
+from federation.protocol import Mode
 from federation.tasks.stats import DataStats
 
 
@@ -32,15 +33,17 @@ class InvalidUpdate(ValueError):
     """A site's reply cannot be aggregated (the reason says why)."""
 
 
-def initial_arrays(config: ExperimentConfig) -> dict[str, np.ndarray]:
-    """The seeded initial model: key-free encodings ``w * I`` (or plain weights), with the
-    optimiser's state before its first step when the run keeps it (zeros are key-free)."""
+def initial_arrays(config: ExperimentConfig, mode: Mode | None = None) -> dict[str, np.ndarray]:
+    """The seeded initial model of a run in ``mode`` (default: the experiment's): key-free
+    encodings ``w * I`` (or plain weights), with the optimiser's state before its first step
+    when the run keeps it (zeros are key-free)."""
+    encrypted = config.federation.encrypted if mode is None else mode is Mode.ENCRYPTED
     model = initial_model(config)
-    if config.federation.encrypted:
+    if encrypted:
         model = to_encrypted(model, None, dtype=dtype_of(config))
     state = dict(model.state_dict())
     if config.training.keep_optimizer_state:
-        optimizer = make_optimizer(config, model, encrypted=config.federation.encrypted)
+        optimizer = make_optimizer(config, model, encrypted=encrypted)
         state.update(optimizer_arrays(optimizer, model))
     return {k: v.detach().numpy().copy() for k, v in state.items()}
 

@@ -49,7 +49,7 @@ from federation.experiment import (
 from federation.more.keys import MoreKey
 from federation.nn.losses import plain_loss
 from federation.nn.session import plain_targets
-from federation.site import Site, SiteError
+from federation.site import EncryptedSite, SiteError
 from federation.tasks.base import TaskData
 
 RTOL = 1e-6
@@ -537,7 +537,7 @@ def _attack_updates(
     refused = []
     for site_id in range(min(sites, config.sites.count)):
         try:
-            arrays = Site(config, site_id, key).train(start, 1).arrays
+            arrays = EncryptedSite(config, site_id, key).train(start, 1).arrays
         except SiteError as exc:
             refused.append(str(exc))
             continue

@@ -27,6 +27,8 @@ Federation statistics then come in SecAgg+ rounds too (STATISTICS_PASS below).
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 # Record names inside a message's RecordDict.
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -51,9 +53,20 @@ STATISTICS_TARGETS = "statistics-targets"
 # ConfigRecord entries sent to sites (FINGERPRINT below too, once the federation's is known).
 SERVER_ROUND = "server-round"
 MODE = "mode"
-MODE_ENCRYPTED = "encrypted"
-MODE_PLAINTEXT = "plaintext"
-MODES = (MODE_ENCRYPTED, MODE_PLAINTEXT)
+
+
+class Mode(StrEnum):
+    """Which federated run a message and a site belong to: on ciphertexts, or the plaintext
+    baseline with the same seeds. Its value is what goes on the wire and names the run's
+    folder."""
+
+    ENCRYPTED = "encrypted"
+    PLAINTEXT = "plaintext"
+
+
+MODE_ENCRYPTED = Mode.ENCRYPTED
+MODE_PLAINTEXT = Mode.PLAINTEXT
+MODES = tuple(Mode)
 # The aggregator's experiment (digest of :func:`federation.config.experiment_fields`): a site
 # that loaded other settings refuses. NUM_SITES: the federation's site count (in simulation,
 # Flower's node count).

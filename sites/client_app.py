@@ -98,9 +98,9 @@ def site_identity(node_config: dict, num_sites: int) -> tuple[int, bool]:
     return site_id, simulated
 
 
-def site_config(config: ExperimentConfig, node_config: dict, mode: str) -> ExperimentConfig:
+def site_config(config: ExperimentConfig, node_config: dict) -> ExperimentConfig:
     """The experiment as this site runs it: its own data directory and key file (node config)
-    override the experiment's, and ``mode`` picks encrypted or the plaintext baseline."""
+    override the experiment's."""
     task, encryption = config.task, config.encryption
     if node_config.get(protocol.NODE_DATA_DIR):
         data_dir = Path(str(node_config[protocol.NODE_DATA_DIR])).expanduser()
@@ -108,8 +108,7 @@ def site_config(config: ExperimentConfig, node_config: dict, mode: str) -> Exper
     if node_config.get(protocol.NODE_KEY_FILE):
         key_file = Path(str(node_config[protocol.NODE_KEY_FILE])).expanduser()
         encryption = replace(encryption, key_file=key_file)
-    federation = replace(config.federation, encrypted=mode == protocol.MODE_ENCRYPTED)
-    return replace(config, task=task, encryption=encryption, federation=federation)
+    return replace(config, task=task, encryption=encryption)
 
 
 def _site(msg: Message, context: Context, app_dir: Path) -> tuple[Site, int]:
@@ -127,10 +126,13 @@ def _site(msg: Message, context: Context, app_dir: Path) -> tuple[Site, int]:
     num_sites = int(settings.get(protocol.NUM_SITES, config.sites.count))
     site_id, simulated = site_identity(context.node_config, num_sites)
     config = with_site_count(config, num_sites)
-    mode = str(settings[protocol.MODE])
-    if mode not in protocol.MODES:
-        raise SiteError(f"unknown mode {mode!r}; expected one of {', '.join(protocol.MODES)}")
-    if mode == protocol.MODE_PLAINTEXT and config.federation.encrypted and not simulated:
+    try:
+        mode = protocol.Mode(str(settings[protocol.MODE]))
+    except ValueError:
+        raise SiteError(
+            f"unknown mode {settings[protocol.MODE]!r}; expected one of {', '.join(protocol.MODES)}"
+        ) from None
+    if mode is protocol.Mode.PLAINTEXT and config.federation.encrypted and not simulated:
         raise SiteError(
             f"site {site_id} refuses to send plaintext updates: experiment {config.name!r} is "
             "encrypted (the plaintext baseline runs in simulation only)"
@@ -146,8 +148,9 @@ def _site(msg: Message, context: Context, app_dir: Path) -> tuple[Site, int]:
     )
     if cache_key not in _SITES:
         _SITES[cache_key] = Site.for_node(
-            site_config(config, node, mode),
+            site_config(config, node),
             site_id,
+            mode=mode,
             deployed=not simulated,
             own_data=bool(node.get(protocol.NODE_DATA_DIR)),
             cache_dir=None if simulated else cache_dir(node.get(protocol.NODE_CACHE_DIR)),

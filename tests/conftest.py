@@ -1,21 +1,29 @@
-"""Shared fixtures: deterministic keys and the real MNIST test split beside the checkout."""
+"""Shared fixtures (deterministic keys, the real MNIST test split beside the checkout, a private
+cipher cache, torch's generator seeded per test) and the run's hooks: slow tests first, the
+hostile-input count at the end.
+
+The tests are a package (``tests/__init__.py`` and one per folder), so pytest's default
+``prepend`` import mode puts the checkout on ``sys.path`` and every module, helpers included,
+imports by its full name: ``from tests.flower.flower_grid import LocalGrid``.
+"""
 
 from __future__ import annotations
 
 import os
-import sys
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from federation.ciphercache import CACHE_ENV
 from federation.more.keys import MoreKey, generate_key
+from tests import hostile
+from tests.paths import SHARED_MNIST
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-
-SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -26,6 +34,16 @@ def cipher_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         path = tmp_path_factory.mktemp("cipher-cache")
         mp.setenv(CACHE_ENV, str(path))
         yield path
+
+
+@pytest.fixture(autouse=True)
+def torch_seed(request: pytest.FixtureRequest) -> None:
+    """torch's global generator starts every test from a state of the test's own, as
+    pytest-randomly does for ``random`` and numpy (with its ``--randomly-seed`` when it runs):
+    no test draws what the tests before it left, in any order and on any xdist worker."""
+    seed = zlib.crc32(request.node.nodeid.encode())
+    randomly = request.config.getoption("randomly_seed", default=None)
+    torch.manual_seed((seed + randomly) % 2**63 if isinstance(randomly, int) else seed)
 
 
 @pytest.fixture
@@ -55,11 +73,23 @@ def mnist_dir() -> Path:
     return SHARED_MNIST
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """An xdist worker hands its hostile-input count to the controller (``workeroutput``)."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["hostile_tried"] = dict(hostile.TRIED)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """The controller adds up the hostile-input counts of its xdist workers."""
+    hostile.TRIED.update(getattr(node, "workeroutput", {}).get("hostile_tried", {}))
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """How many hostile inputs ``test_hostile_inputs`` tried (counted by its ``_tried``),
-    after the run, whatever order the tests ran in."""
-    module = sys.modules.get("test_hostile_inputs")
-    tried = getattr(module, "_TRIED", None)
+    """How many hostile inputs the tests tried (counted by ``tests.hostile.tried``), after the
+    run, whatever order the tests ran in and however many workers ran them."""
+    tried = hostile.TRIED
     if tried:
         per_area = ", ".join(f"{area} {n}" for area, n in sorted(tried.items()))
         terminalreporter.write_line(

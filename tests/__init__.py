@@ -1,0 +1,1 @@
+"""more-fl tests, by topic: engine/, tasks/, federation/, flower/, tools/, e2e/."""
