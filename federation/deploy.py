@@ -10,8 +10,8 @@ ClientApp processes) are found through ``/proc`` and stopped with it.
 
 :func:`site_command` is what a hospital runs on its own host to join the federation.
 
-Flower 1.41 facts this relies on: the SuperLink serves its Fleet, Control and Runtime APIs
-on one HTTP port; a SuperNode serves its ClientApps on a local port of its own; runtime
+Flower 1.41 and 1.42 facts this relies on: the SuperLink serves its Fleet, Control and
+Runtime APIs on one HTTP port; a SuperNode serves its ClientApps on a local port of its own; runtime
 dependency installation must be off (the app runs in this virtualenv); SuperNode
 authentication needs TLS and the nodes' public keys registered with ``flwr supernode
 register`` before they connect.

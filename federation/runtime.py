@@ -1,11 +1,11 @@
 """Guard against Flower's per-run dependency installation running the app on a second torch.
 
-Flower 1.41's SuperLink, unless started with ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``,
-runs ``uv sync`` for every run into ``$FLWR_HOME/runtime-envs/<run>`` and puts that
-environment first on ``sys.path``. ``[tool.uv] exclude-dependencies`` in this app's
-pyproject keeps that environment empty, so the app runs on the packages more-fl was
-installed with; this check refuses to train if another torch got in anyway (e.g. an older
-``uv`` that ignores the setting).
+Flower's SuperLink (1.41, 1.42), unless started with
+``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``, runs ``uv sync`` for every run into
+``$FLWR_HOME/runtime-envs/<run>`` and puts that environment first on ``sys.path``.
+``[tool.uv] exclude-dependencies`` in this app's pyproject keeps that environment empty, so
+the app runs on the packages more-fl was installed with; this check refuses to train if
+another torch got in anyway (e.g. an older ``uv`` that ignores the setting).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import pytest
 
 from tests.paths import ROOT
 
-FLOWER_SERIES = "1.41."
+FLOWER_SERIES = "1.42."
 
 INTERNALS = {
     # aggregator/secure.py: SecAgg+ stage by stage on the legacy context
