@@ -95,7 +95,7 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from federation import verify
+    from federation.tools import verify
 
     return 0 if verify.run(seed=args.seed) else 1
 
@@ -106,23 +106,23 @@ def _bench(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.suite == "full":
-        from federation.bench_suite import run_suite
+        from federation.tools.bench.suite import run_suite
 
         path = run_suite(args.out, quick=args.quick)
         print(f"wrote {path}")
         return 0
-    from federation import bench
+    from federation.tools.bench import steps
 
-    bench.run(quick=args.quick)
+    steps.run(quick=args.quick)
     return 0
 
 
 def _train(args: argparse.Namespace) -> int:
     from federation.config import load_experiment
-    from federation.datareport import skip_summary
     from federation.experiment import compare_centralised, federation_key, load_data
     from federation.more.health import ShadowDivergenceError
     from federation.nn.session import TrainingDivergedError
+    from federation.tools.datareport import skip_summary
 
     config = load_experiment(args.config)
     key = federation_key(config)
@@ -167,8 +167,8 @@ def _train(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from federation.config import load_experiment
-    from federation.datareport import inspect_data
     from federation.experiment import load_data, site_data
+    from federation.tools.datareport import inspect_data
 
     if args.config is None:
         raise CommandError("data inspect needs --config FILE (the experiment to inspect)")
@@ -186,7 +186,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _new(args: argparse.Namespace) -> int:
-    from federation.scaffold import new_study
+    from federation.tools.scaffold import new_study
 
     files = new_study(args.directory, source=args.source, task_module=args.task_module)
     root = files[0].parent
@@ -275,8 +275,8 @@ def aligned(rows: list[tuple[str, str]]) -> list[str]:
 
 
 def _attack(args: argparse.Namespace) -> int:
-    from federation.attacks import run_attack
     from federation.config import load_experiment
+    from federation.tools.attacks.run import run_attack
 
     report = run_attack(load_experiment(args.config), args.out, max_examples=args.max_examples)
     for line in report.summary_lines():
@@ -285,7 +285,7 @@ def _attack(args: argparse.Namespace) -> int:
 
 
 def _deploy(args: argparse.Namespace) -> int:
-    from federation.deploy import cli_deploy
+    from federation.tools.deploy.run import cli_deploy
 
     if args.config_positional is not None:
         print(
@@ -297,13 +297,13 @@ def _deploy(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from federation.launch import cli_run
+    from federation.tools.launch import cli_run
 
     return cli_run(args.config, sites=args.sites, output_dir=args.output_dir, resume=args.resume)
 
 
 def _site(args: argparse.Namespace) -> int:
-    from federation.deploy import cli_site
+    from federation.tools.deploy.run import cli_site
 
     return cli_site(args.config, args.site, print_only=args.print_only)
 
@@ -474,7 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory", type=Path, metavar="DIR", help="the new study's folder")
     p.add_argument(
         "--source",
-        choices=("tabular", "images", "dicom"),  # federation.scaffold.SOURCES (numpy-free here)
+        # federation.tools.scaffold.SOURCES, spelled out: importing it here would load numpy
+        choices=("tabular", "images", "dicom"),
         default="tabular",
         help="the sample data and task: a patient table (default), image folders per class, "
         "or DICOM files with a labels CSV",

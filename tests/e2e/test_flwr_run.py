@@ -23,10 +23,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from federation import deploy
 from federation.aggregation import RunStore
 from federation.config import load_deployment
 from federation.more.keys import generate_key, save_key
+from federation.tools.deploy.processes import alive, descendants, flower_env
+from federation.tools.deploy.run import Federation, deploy
 from tests.paths import ROOT, SHARED_MNIST
 
 pytestmark = pytest.mark.slow
@@ -69,14 +70,14 @@ def flwr_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
     everything under it) is stopped at the end."""
     home = tmp_path_factory.mktemp("flwr-home")
     env = {
-        **deploy.flower_env(),
+        **flower_env(),
         "FLWR_HOME": str(home),
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
         "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
     }
     yield env
     for pid in _pids_mentioning(str(home)):
-        tree = [pid, *deploy.descendants(pid)]
+        tree = [pid, *descendants(pid)]
         for p in tree:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signal.SIGTERM)
@@ -85,7 +86,7 @@ def flwr_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
 
 def _pids_wait_gone(text: str, timeout: float = 20.0) -> list[int]:
     deadline = time.monotonic() + timeout
-    while (left := [p for p in _pids_mentioning(text) if deploy.alive(p)]) and (
+    while (left := [p for p in _pids_mentioning(text) if alive(p)]) and (
         time.monotonic() < deadline
     ):
         time.sleep(0.3)
@@ -199,18 +200,18 @@ def test_loopback_deployment_over_tls_survives_a_killed_site_and_leaves_nothing_
     seen: set[int] = set()
     killed: list[int] = []
 
-    def kill_site_c_while_it_trains(fed: deploy.Federation) -> None:
+    def kill_site_c_while_it_trains(fed: Federation) -> None:
         """SIGTERM site c's SuperNode and its ClientApp as soon as c starts training."""
         seen.update(fed.processes.tree())
         site = fed.processes.started["supernode-c"]
-        tree = deploy.descendants(site.pid)
+        tree = descendants(site.pid)
         if not killed and any(p in _pids_mentioning("flwr-clientapp") for p in tree):
             killed.extend([site.pid, *tree])
             for pid in killed:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)
 
-    result = deploy.deploy(load_deployment(path), watch=kill_site_c_while_it_trains, poll=0.5)
+    result = deploy(load_deployment(path), watch=kill_site_c_while_it_trains, poll=0.5)
     assert result.ok, (result.logs / "run.log").read_text()
     assert killed
     (entry,) = json.loads((tmp_path / "out" / "encrypted" / RunStore.HISTORY).read_text())
@@ -222,7 +223,7 @@ def test_loopback_deployment_over_tls_survives_a_killed_site_and_leaves_nothing_
     assert checkpoint is not None and checkpoint.fingerprint == generate_key(99).fingerprint
     assert "status: **completed**" in result.report.read_text()
     assert (result.logs / "superlink.log").read_text().count("Activated node_id") >= 3
-    assert not [p for p in seen if deploy.alive(p)]
+    assert not [p for p in seen if alive(p)]
     assert not _pids_wait_gone(str(tmp_path))
 
 
@@ -318,7 +319,7 @@ def _bare_flwr_run(app: Path, home: Path, settings: str) -> str:
     """`flwr run . --stream` in ``app`` with Flower's defaults (runtime dependency
     installation on, 2 SuperNodes) in a private FLWR_HOME and free local ports; its output.
     Every process under ``home`` is stopped afterwards."""
-    env = deploy.flower_env()
+    env = flower_env()
     del env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"]
     env.update(
         FLWR_HOME=str(home),

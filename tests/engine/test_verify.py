@@ -11,16 +11,18 @@ import pytest
 import torch
 from torch import nn
 
-from federation import bench, verify
 from federation.nn.check import compare_step
 from federation.nn.graph import trace
 from federation.nn.layers import TWINS
 from federation.nn.losses import LOSSES
 from federation.nn.optim import OPTIMIZERS
+from federation.tools import verify
+from federation.tools.bench import steps
 
 
 def test_every_layer_with_an_encrypted_twin_has_a_verify_case() -> None:
-    assert verify.uncovered_layers() == [], "add these layers to a case in federation/verify.py"
+    missing = verify.uncovered_layers()
+    assert missing == [], "add these layers to a case in federation/tools/verify.py"
     assert set(verify.coverage()["layers"]) == {t.__name__ for t in TWINS}
 
 
@@ -107,7 +109,7 @@ NEW_BENCH_MODELS = ("cnn-bn-maxpool 1x28x28", "resnet 1x28x28")
 
 
 def test_bench_has_a_bn_maxpool_cnn_and_a_residual_network_beside_mlp_and_cnn() -> None:
-    models = bench.bench_models()
+    models = steps.bench_models()
     assert list(models)[:2] == ["mlp 784-128-10", "cnn 1x28x28"]
     assert set(NEW_BENCH_MODELS) <= set(models)
     assert all(shape == (1, 28, 28) for _, shape in models.values())
@@ -123,7 +125,7 @@ def test_bench_has_a_bn_maxpool_cnn_and_a_residual_network_beside_mlp_and_cnn() 
 
 @pytest.mark.parametrize("name", NEW_BENCH_MODELS)
 def test_new_bench_models_twins_match_torch(name: str, key) -> None:
-    build, shape = bench.bench_models()[name]
+    build, shape = steps.bench_models()[name]
     torch.manual_seed(0)
     got = compare_step(build(), torch.rand(4, *shape), key)
     assert got.within(torch.float64), got

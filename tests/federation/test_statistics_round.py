@@ -20,8 +20,8 @@ from federation.aggregation import InvalidUpdate, RunStore, sum_statistics
 from federation.config import load_experiment
 from federation.experiment import load_data
 from federation.more.keys import generate_key, save_key
-from federation.scaffold import SAMPLE, new_study
 from federation.secure_stats import E_MAX, PASSES, SecureStatistics, SiteValues
+from federation.tools.scaffold import SAMPLE, new_study
 from sites import client_app
 from tests.flower.flower_grid import SIMULATED, LocalGrid, decrypt_arrays, serve, server_run_config
 

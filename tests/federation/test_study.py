@@ -12,8 +12,8 @@ import yaml
 from federation import cli, protocol
 from federation.config import ConfigError, experiment_fields, load_experiment
 from federation.experiment import initial_model, site_data
-from federation.scaffold import SOURCES, ScaffoldError, new_study
 from federation.tasks import TaskLoadError
+from federation.tools.scaffold import SOURCES, ScaffoldError, new_study
 from sites import client_app
 from tests.flower.flower_grid import (
     SIMULATED,

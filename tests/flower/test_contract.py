@@ -41,7 +41,7 @@ INTERNALS = {
     "flwr.supercore.inflatable.inflatable_utils": ["inflate_object_from_contents"],
     "flwr.supercore.run": ["Run"],
     "flwr.supercore.task_identity": ["TaskIdentity"],
-    # federation/deploy.py: SuperNode authentication keys
+    # federation/tools/deploy/pki.py: SuperNode authentication keys
     "flwr.cli.supernode.register": ["try_load_public_key"],
 }
 

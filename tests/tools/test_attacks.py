@@ -10,16 +10,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from federation.attacks import (
-    HEURISTICS,
-    channels,
-    eigenvalue_pairs,
-    equivalent_key,
-    resolve_by_statistics,
-    resolve_by_supervision,
-    resolve_known_pair,
-    run_attack,
-)
 from federation.config import experiment_from_dict
 from federation.more import (
     FeatureRange,
@@ -31,6 +21,16 @@ from federation.more import (
 )
 from federation.more.keys import MoreKey
 from federation.tasks import mnist
+from federation.tools.attacks.maths import (
+    HEURISTICS,
+    channels,
+    eigenvalue_pairs,
+    equivalent_key,
+    resolve_by_statistics,
+    resolve_by_supervision,
+    resolve_known_pair,
+)
+from federation.tools.attacks.run import run_attack
 
 SEEDS = st.integers(min_value=0, max_value=2**32 - 1)
 

@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from federation import bench_suite
-from federation.bench_suite import QUICK, REPORT, run_suite
+from federation.tools.bench import markdown
+from federation.tools.bench.aggregation import bench_aggregation
+from federation.tools.bench.logreg import bench_logreg
+from federation.tools.bench.sizes import QUICK, TENSEAL_PIP
+from federation.tools.bench.suite import REPORT, run_suite
 
 HAS_TENSEAL = importlib.util.find_spec("tenseal") is not None
 PLOTS = ("training.png", "aggregation.png", "logreg.png", "scaling.png")
@@ -114,7 +117,7 @@ def test_scaling_grid_covers_every_width_and_batch(suite: tuple[Path, str, list[
     assert all(ratio > 0 for ratio in ratios)
 
 
-@pytest.mark.skipif(not HAS_TENSEAL, reason=f"TenSEAL not installed ({bench_suite.TENSEAL_PIP})")
+@pytest.mark.skipif(not HAS_TENSEAL, reason=f"TenSEAL not installed ({TENSEAL_PIP})")
 def test_ckks_rows_are_measured(suite: tuple[Path, str, list[str]]) -> None:
     aggregation = {r[0].split(" (")[0]: r for r in _rows(suite[1], "2. One FedAvg round")}
     ckks = aggregation["CKKS FedAvg"]
@@ -130,12 +133,12 @@ def test_ckks_rows_say_when_tenseal_is_missing_and_digits_fall_back(
 ) -> None:
     """Without TenSEAL the CKKS rows carry the install hint; without MNIST files the
     logistic regression runs on synthetic classes and says so."""
-    hint = f"TenSEAL not installed ({bench_suite.TENSEAL_PIP})"
-    rows, _ = bench_suite.bench_aggregation(QUICK, None)
+    hint = f"TenSEAL not installed ({TENSEAL_PIP})"
+    rows, _ = bench_aggregation(QUICK, None)
     assert rows[-1].note == hint
-    assert hint in "\n".join(bench_suite._aggregation_table(rows, QUICK.sites))
+    assert hint in "\n".join(markdown.aggregation_table(rows, QUICK.sites))
     monkeypatch.setenv("MORE_FL_MNIST_DIR", str(tmp_path))
-    logreg, source = bench_suite.bench_logreg(QUICK, None)
+    logreg, source = bench_logreg(QUICK, None)
     assert source.startswith("synthetic Gaussian classes") and logreg[-1].note == hint
     assert logreg[1].accuracy == logreg[0].accuracy
-    assert hint in "\n".join(bench_suite._logreg_table(logreg))
+    assert hint in "\n".join(markdown.logreg_table(logreg))

@@ -160,10 +160,12 @@ def test_every_config_argument_is_the_config_option() -> None:
 
 
 def test_deploy_takes_config_and_notes_the_deprecated_positional(monkeypatch, capsys) -> None:
-    import federation.deploy
+    import federation.tools.deploy.run
 
     seen: list[Path] = []
-    monkeypatch.setattr(federation.deploy, "cli_deploy", lambda path: seen.append(path) or 0)
+    monkeypatch.setattr(
+        federation.tools.deploy.run, "cli_deploy", lambda path: seen.append(path) or 0
+    )
     assert main(["deploy", "--config", "d.yaml"]) == 0
     assert capsys.readouterr().err == ""
     assert main(["deploy", "old.yaml"]) == 0
@@ -272,11 +274,11 @@ def test_verify_passes_and_ends_with_the_float64_deviation() -> None:
 
 
 def test_bench_quick_prints_the_table_and_the_worst_ratio(capsys) -> None:
-    from federation import bench
+    from federation.tools.bench import steps
 
-    rows = bench.run(quick=True, steps=3)
+    rows = steps.run(quick=True, steps=3)
     printed = capsys.readouterr().out
-    assert len(rows) == len(bench.bench_models())
+    assert len(rows) == len(steps.bench_models())
     assert all(r.plain_ms > 0 and r.encrypted_ms > 0 for r in rows)
     assert all(r.encrypted_mib > r.plain_mib for r in rows)
     assert printed.strip().splitlines()[-1].startswith("worst encrypted/plaintext step ratio: ")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from federation import deploy
+from federation.tools.deploy import processes
 from tests.paths import ROOT
 
 INTERRUPTED = 128 + signal.SIGINT
@@ -126,13 +126,13 @@ def test_ctrl_c_in_deploy_stops_the_federation_then_one_line_and_130(tmp_path: P
         [sys.executable, "-m", "federation.cli", "deploy", "--config", str(path)], tmp_path
     )
     _read_until(proc, "started SuperNode a")
-    started = [p for p in deploy.descendants(proc.pid) if deploy.alive(p)]
+    started = [p for p in processes.descendants(proc.pid) if processes.alive(p)]
     assert len(started) >= 2  # the SuperLink and the SuperNode (and their helpers)
     proc.send_signal(signal.SIGINT)
     code, err = _finish(proc, timeout=90)
     assert code == INTERRUPTED
     assert err == "more-fl deploy: interrupted; every process it started was stopped\n"
-    assert not [p for p in started if deploy.alive(p)]
+    assert not [p for p in started if processes.alive(p)]
 
 
 STUBBORN = (
@@ -151,9 +151,9 @@ def test_a_second_ctrl_c_while_stopping_does_not_abandon_the_processes(tmp_path:
     body = f"""
 import sys, time
 from pathlib import Path
-from federation import deploy
+from federation.tools.deploy import processes, run
 
-deploy.Processes.stop.__defaults__ = (2.0,)  # grace: keep the test short
+processes.Processes.stop.__defaults__ = (2.0,)  # grace: keep the test short
 
 def start(fed, tls, echo):
     proc = fed.processes.start(
@@ -165,8 +165,8 @@ def start(fed, tls, echo):
     echo(f"started {{proc.pid}}")
     time.sleep(60)
 
-deploy._start_federation = start
-sys.exit(deploy.cli_deploy(Path({str(path)!r})))
+run._start_federation = start
+sys.exit(run.cli_deploy(Path({str(path)!r})))
 """
     proc = _start(_script(body), tmp_path)
     child = int(_read_until(proc, "started ").split()[1])
@@ -179,9 +179,9 @@ sys.exit(deploy.cli_deploy(Path({str(path)!r})))
         assert code == INTERRUPTED
         assert err == "more-fl deploy: interrupted; every process it started was stopped\n"
         deadline = time.monotonic() + 5
-        while deploy.alive(child) and time.monotonic() < deadline:
+        while processes.alive(child) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not deploy.alive(child)
+        assert not processes.alive(child)
     finally:
-        if deploy.alive(child):
+        if processes.alive(child):
             os.kill(child, signal.SIGKILL)

@@ -23,13 +23,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from flwr.cli.supernode.register import try_load_public_key
 
-from federation import deploy
 from federation.config import (
     ConfigError,
     deployment_from_dict,
     load_deployment,
     load_experiment,
 )
+from federation.tools.deploy import DeployError, commands, pki, processes, run
 from tests.paths import ROOT
 
 SHIPPED = sorted((ROOT / "configs" / "deployments").glob("*.yaml"))
@@ -93,7 +93,7 @@ def test_bad_deployments_name_file_key_and_expectation(
 
 
 def test_generated_certificates_form_a_chain_for_the_superlink_host(tmp_path: Path) -> None:
-    files = deploy.ensure_certificates(tmp_path / "certs", "10.1.2.3", generate=True)
+    files = pki.ensure_certificates(tmp_path / "certs", "10.1.2.3", generate=True)
     ca = x509.load_pem_x509_certificate(files.ca.read_bytes())
     server = x509.load_pem_x509_certificate(files.cert.read_bytes())
     server.verify_directly_issued_by(ca)
@@ -104,14 +104,14 @@ def test_generated_certificates_form_a_chain_for_the_superlink_host(tmp_path: Pa
     }
     assert names.get_values_for_type(x509.DNSName) == ["localhost"]
     assert stat.S_IMODE(files.key.stat().st_mode) == 0o600
-    again = deploy.ensure_certificates(tmp_path / "certs", "10.1.2.3", generate=True)
+    again = pki.ensure_certificates(tmp_path / "certs", "10.1.2.3", generate=True)
     assert again.cert.read_bytes() == files.cert.read_bytes()  # kept, not regenerated
-    with pytest.raises(deploy.DeployError, match="needs ca.crt"):
-        deploy.ensure_certificates(tmp_path / "none", "127.0.0.1", generate=False)
+    with pytest.raises(DeployError, match="needs ca.crt"):
+        pki.ensure_certificates(tmp_path / "none", "127.0.0.1", generate=False)
 
 
 def test_node_keys_are_what_flower_accepts(tmp_path: Path) -> None:
-    private, public = deploy.ensure_node_key(tmp_path, "hospital-a")
+    private, public = pki.ensure_node_key(tmp_path, "hospital-a")
     key = load_ssh_private_key(private.read_bytes(), None)  # as flower-supernode loads it
     assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
     assert stat.S_IMODE(private.stat().st_mode) == 0o600
@@ -120,11 +120,11 @@ def test_node_keys_are_what_flower_accepts(tmp_path: Path) -> None:
 
 def test_commands_carry_tls_authentication_and_the_site(tmp_path: Path) -> None:
     dep = deployment_from_dict(_deployment(tmp_path), source="d.yaml", base=tmp_path)
-    tls = deploy.ensure_certificates(tmp_path / "certs", dep.host, generate=True)
-    link = deploy.superlink_command(dep, tls)
+    tls = pki.ensure_certificates(tmp_path / "certs", dep.host, generate=True)
+    link = commands.superlink_command(dep, tls)
     assert "--enable-supernode-auth" in link and "--insecure" not in link
     assert "--disable-runtime-dependency-installation" in link
-    node = deploy.supernode_command(dep, dep.site("b"), tls)
+    node = commands.supernode_command(dep, dep.site("b"), tls)
     assert node[node.index("--superlink") + 1] == "127.0.0.1:39900"
     assert node[node.index("--root-certificates") + 1] == str(tls.ca)
     assert node[node.index("--node-config") + 1] == 'site-id=1 data-dir="/data/b"'
@@ -134,20 +134,20 @@ def test_commands_carry_tls_authentication_and_the_site(tmp_path: Path) -> None:
         source="d.yaml",
         base=tmp_path,
     )
-    assert "--insecure" in deploy.superlink_command(plain, None)
-    assert "--insecure" in deploy.supernode_command(plain, plain.site("a"), None)
+    assert "--insecure" in commands.superlink_command(plain, None)
+    assert "--insecure" in commands.supernode_command(plain, plain.site("a"), None)
 
 
 def test_a_quote_in_a_site_path_is_refused(tmp_path: Path) -> None:
     data = _deployment(tmp_path, sites=[{"name": "a", "key_file": '/keys/"x".key'}])
     dep = deployment_from_dict(data, source="d.yaml", base=tmp_path)
-    with pytest.raises(deploy.DeployError, match="cannot contain quotes"):
-        deploy.node_config(dep.site("a"))
+    with pytest.raises(DeployError, match="cannot contain quotes"):
+        commands.node_config(dep.site("a"))
 
 
 def test_an_experiment_inside_the_project_is_named_relative_to_it(tmp_path: Path) -> None:
     dep = deployment_from_dict(_deployment(tmp_path), source="d.yaml", base=tmp_path)
-    config = deploy.run_config(dep, ROOT)
+    config = commands.run_config(dep, ROOT)
     assert config["experiment"] == "configs/wbc.yaml"
     assert config["project-dir"] == str(ROOT)
     assert config["baseline"] is False and config["centralised"] is False
@@ -158,7 +158,7 @@ def test_more_fl_site_prints_the_supernode_command(
 ) -> None:
     path = tmp_path / "d.yaml"
     path.write_text(yaml.safe_dump(_deployment(tmp_path)), encoding="utf-8")
-    assert deploy.cli_site(path, "b", print_only=True) == 0
+    assert run.cli_site(path, "b", print_only=True) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith("FLWR_TELEMETRY_ENABLED=0 ")
     assert "flower-supernode --superlink 127.0.0.1:39900" in line
@@ -174,7 +174,7 @@ def test_stopping_ends_every_process_started_including_detached_grandchildren(
         " start_new_session=True);"
         "time.sleep(60)"
     )
-    procs = deploy.Processes(dict(os.environ), tmp_path, tmp_path / "logs")
+    procs = processes.Processes(dict(os.environ), tmp_path, tmp_path / "logs")
     procs.start("tree", [sys.executable, "-c", spawn], home=tmp_path / "home")
     deadline = time.monotonic() + 20
     while len(procs.tree()) < 2 and time.monotonic() < deadline:
@@ -182,7 +182,7 @@ def test_stopping_ends_every_process_started_including_detached_grandchildren(
     pids = procs.tree()
     assert len(pids) == 2
     procs.stop(grace=5)
-    assert not any(deploy.alive(p) for p in pids)
+    assert not any(processes.alive(p) for p in pids)
 
 
 def _insecure_one_site(tmp_path: Path) -> Path:
@@ -210,8 +210,8 @@ def test_a_taken_port_is_refused_before_anything_starts(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", dep.port))
         taken.listen()
-        with pytest.raises(deploy.DeployError, match=f"port {dep.port} on 127.0.0.1 is not free"):
-            deploy.deploy(dep, echo=lambda _: None)
+        with pytest.raises(DeployError, match=f"port {dep.port} on 127.0.0.1 is not free"):
+            run.deploy(dep, echo=lambda _: None)
     assert not (tmp_path / "work" / "logs").exists()
 
 
@@ -219,7 +219,7 @@ def test_sigterm_stops_the_superlink_and_supernodes_it_started(tmp_path: Path) -
     path = _insecure_one_site(tmp_path)
     script = (
         "import sys; from federation.config import load_deployment; "
-        "from federation.deploy import deploy; "
+        "from federation.tools.deploy.run import deploy; "
         f"deploy(load_deployment({str(path)!r}), echo=lambda s: print(s, flush=True))"
     )
     proc = subprocess.Popen(
@@ -229,12 +229,12 @@ def test_sigterm_stops_the_superlink_and_supernodes_it_started(tmp_path: Path) -
     for line in proc.stdout:
         if line.startswith("started SuperNode a"):
             break
-    started = [p for p in deploy.descendants(proc.pid) if deploy.alive(p)]
+    started = [p for p in processes.descendants(proc.pid) if processes.alive(p)]
     assert len(started) >= 2  # the SuperLink and the SuperNode (and their helpers)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     assert "stopping the SuperLink and SuperNodes" in proc.stdout.read()
-    assert not [p for p in started if deploy.alive(p)]
+    assert not [p for p in started if processes.alive(p)]
 
 
 def _time_wait_port() -> int:
@@ -266,7 +266,7 @@ def _time_wait_port() -> int:
 
 def test_a_port_in_time_wait_counts_as_free() -> None:
     port = _time_wait_port()
-    deploy._ensure_free("127.0.0.1", [port])
+    run._ensure_free("127.0.0.1", [port])
 
 
 @pytest.mark.parametrize("reuse", [False, True])
@@ -277,8 +277,8 @@ def test_a_listening_port_counts_as_taken(reuse: bool) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = int(taken.getsockname()[1])
-        with pytest.raises(deploy.DeployError, match=f"port {port} on 127.0.0.1 is not free"):
-            deploy._ensure_free("127.0.0.1", [port])
+        with pytest.raises(DeployError, match=f"port {port} on 127.0.0.1 is not free"):
+            run._ensure_free("127.0.0.1", [port])
 
 
 def test_key_generate_makes_the_shared_key_once_and_every_site_without_one_uses_it(
@@ -292,11 +292,11 @@ def test_key_generate_makes_the_shared_key_once_and_every_site_without_one_uses_
     experiment = load_experiment(dep.experiment)
     lines: list[str] = []
     dep = deployment_from_dict(_deployment(tmp_path, key=data["key"]), source="d", base=tmp_path)
-    deploy._ensure_keys(dep, experiment, lines.append)
+    run._ensure_keys(dep, experiment, lines.append)
     assert stat.S_IMODE(shared.stat().st_mode) == 0o600
     made = shared.read_bytes()
     assert len(lines) == 1 and lines[0].startswith(f"made the federation key {shared}")
-    deploy._ensure_keys(dep, experiment, lines.append)  # there already: kept as it is
+    run._ensure_keys(dep, experiment, lines.append)  # there already: kept as it is
     assert shared.read_bytes() == made and len(lines) == 1
 
 
@@ -307,7 +307,7 @@ def test_a_site_without_a_key_file_stops_the_deployment_before_anything_starts(
     data = _deployment(tmp_path, **({"key": key} if key else {}))
     dep = deployment_from_dict(data, source="d.yaml", base=tmp_path)
     want = "has no key file" if key is None else "missing.key not found; make it with"
-    with pytest.raises(deploy.DeployError, match=want) as raised:
-        deploy.deploy(dep, echo=lambda _: None)
+    with pytest.raises(DeployError, match=want) as raised:
+        run.deploy(dep, echo=lambda _: None)
     assert "more-fl keygen --out" in str(raised.value)
     assert not (tmp_path / "work").exists()  # no certificate, log or process

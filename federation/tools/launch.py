@@ -26,14 +26,9 @@ from pathlib import Path
 
 from federation import protocol
 from federation.config import load_experiment, with_site_count
-from federation.deploy import (
-    PROJECT_DIR,
-    Processes,
-    flower_env,
-    started_run_id,
-    write_run_config,
-)
 from federation.report import STATUS
+from federation.tools.deploy.commands import PROJECT_DIR, started_run_id, write_run_config
+from federation.tools.deploy.processes import Processes, flower_env
 
 
 class LaunchError(RuntimeError):
