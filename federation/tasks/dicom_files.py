@@ -7,7 +7,8 @@ data (compressed transfer syntaxes through pydicom's decoders, rescale slope/int
 Modality LUT, MONOCHROME1, frames) and :func:`select_frame` picks one frame of a run. The
 generic ``dicom`` source (:mod:`federation.tasks.dicom`) and the angiography task's XA reader
 (:mod:`federation.tasks.angio.dicom`) both read with them, so nothing here knows of XA, a
-modality or labels.
+modality or labels. :func:`grayscale_dataset` builds the minimal data set of a 16-bit
+grayscale image that the writers (test exports, sample studies) fill in.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import pydicom
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset, FileDataset
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
 from pydicom.tag import Tag
@@ -249,3 +250,46 @@ def read_pixels(ds: Dataset, *, keep_samples: bool = False) -> np.ndarray | str:
     if keep_samples:  # [samples, (frames,) H, W] -> [frames, samples, H, W]
         return pixels[None] if pixels.ndim == 3 else np.moveaxis(pixels, 0, 1)
     return pixels if pixels.ndim == 3 else pixels[None]
+
+
+def grayscale_dataset(
+    pixels: np.ndarray,
+    *,
+    sop_class: str,
+    sop_uid: str,
+    modality: str,
+    patient_id: str,
+    study_uid: str,
+    series_uid: str,
+    bits_stored: int = 16,
+) -> Dataset:
+    """A DICOM data set (explicit VR little endian, with its file meta) holding ``pixels``, a
+    ``[H, W]`` or ``[frames, H, W]`` array of unsigned values below ``2**bits_stored``, as
+    16-bit MONOCHROME2 under the given identity. Callers add their modality's attributes,
+    then save it with ``enforce_file_format=True``."""
+    stored = np.asarray(pixels)
+    if stored.ndim not in (2, 3):
+        raise ValueError(f"pixels must be [H, W] or [frames, H, W], got shape {stored.shape}")
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.Modality = modality
+    ds.PatientID = patient_id
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = stored.shape[-2:]
+    ds.BitsAllocated = 16
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 0
+    if stored.ndim == 3:
+        ds.NumberOfFrames = stored.shape[0]
+    ds.PixelData = stored.astype("<u2").tobytes()
+    return ds

@@ -99,12 +99,9 @@ def sample_dicom(
     """Digital X-ray DICOM files ``dicom/<patient>/IM<n>.dcm`` (16-bit, MONOCHROME2, with
     patient IDs so the train/test split keeps each patient on one side) and
     ``dicom/labels.csv`` (columns file, label), by relative path."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import (
-        DigitalXRayImageStorageForPresentation,
-        ExplicitVRLittleEndian,
-        generate_uid,
-    )
+    from pydicom.uid import DigitalXRayImageStorageForPresentation, generate_uid
+
+    from federation.tasks.dicom_files import grayscale_dataset
 
     rng = np.random.default_rng(seed)
     files, rows = {}, []
@@ -114,25 +111,15 @@ def sample_dicom(
             lesion = bool(rng.random() < 0.5)
             rel = f"{patient}/IM{k}.dcm"
             uid = generate_uid(entropy_srcs=[patient, str(k), str(seed)])
-            meta = FileMetaDataset()
-            meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
-            meta.MediaStorageSOPInstanceUID = uid
-            meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            ds = Dataset()
-            ds.file_meta = meta
-            ds.SOPClassUID = DigitalXRayImageStorageForPresentation
-            ds.SOPInstanceUID = uid
-            ds.StudyInstanceUID = generate_uid(entropy_srcs=[patient, "study", str(seed)])
-            ds.SeriesInstanceUID = generate_uid(entropy_srcs=[patient, "series", str(seed)])
-            ds.Modality = "DX"
-            ds.PatientID = patient
-            ds.SamplesPerPixel = 1
-            ds.PhotometricInterpretation = "MONOCHROME2"
-            ds.Rows = ds.Columns = side
-            ds.BitsAllocated = ds.BitsStored = 16
-            ds.HighBit = 15
-            ds.PixelRepresentation = 0
-            ds.PixelData = np.rint(_picture(rng, lesion, side) * 4095).astype("<u2").tobytes()
+            ds = grayscale_dataset(
+                np.rint(_picture(rng, lesion, side) * 4095).astype(np.uint16),
+                sop_class=DigitalXRayImageStorageForPresentation,
+                sop_uid=uid,
+                modality="DX",
+                patient_id=patient,
+                study_uid=generate_uid(entropy_srcs=[patient, "study", str(seed)]),
+                series_uid=generate_uid(entropy_srcs=[patient, "series", str(seed)]),
+            )
             buf = io.BytesIO()
             ds.save_as(buf, enforce_file_format=True)
             files[f"dicom/{rel}"] = buf.getvalue()

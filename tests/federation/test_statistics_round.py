@@ -16,7 +16,7 @@ import yaml
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from federation import protocol
-from federation.aggregation import InvalidUpdate, RunStore, sum_statistics
+from federation.aggregation import Checkpoint, InvalidUpdate, RunStore, sum_statistics
 from federation.config import load_experiment
 from federation.experiment import load_data
 from federation.more.keys import generate_key, save_key
@@ -41,6 +41,21 @@ def _hospitals(study: Path, count: int) -> list[Path]:
     return folders
 
 
+def _run_hospitals(study: Path, experiment: Path, tmp_path: Path) -> Checkpoint:
+    """Three deployed-like hospitals, each with its own table and the shared key file, run
+    the study's 2 encrypted rounds in-process; the final checkpoint."""
+    key = save_key(generate_key(7), tmp_path / "federation.key")
+    nodes = [
+        {"site-id": i, "data-dir": str(folder), "key-file": str(key)}
+        for i, folder in enumerate(_hospitals(study, 3))
+    ]
+    config = server_run_config(experiment, tmp_path / "out")
+    serve(LocalGrid(client_app.app, nodes, config), config)
+    checkpoint = RunStore(tmp_path / "out" / protocol.MODE_ENCRYPTED).load_latest()
+    assert checkpoint is not None and checkpoint.server_round == 2
+    return checkpoint
+
+
 def _experiment(study: Path, **federation: object) -> Path:
     path = study / "experiment.yaml"
     data = yaml.safe_load(path.read_text())
@@ -56,15 +71,7 @@ def test_sites_with_their_own_tables_normalise_with_the_federations_statistics(
     study = tmp_path / "study"
     new_study(study)
     experiment = _experiment(study)
-    key = save_key(generate_key(7), tmp_path / "federation.key")
-    nodes = [
-        {"site-id": i, "data-dir": str(folder), "key-file": str(key)}
-        for i, folder in enumerate(_hospitals(study, 3))
-    ]
-    config = server_run_config(experiment, tmp_path / "out")
-    serve(LocalGrid(client_app.app, nodes, config), config)
-    checkpoint = RunStore(tmp_path / "out" / protocol.MODE_ENCRYPTED).load_latest()
-    assert checkpoint is not None and checkpoint.server_round == 2
+    checkpoint = _run_hospitals(study, experiment, tmp_path)
     assert checkpoint.fingerprint == generate_key(7).fingerprint
     report = (tmp_path / "out" / "report.md").read_text()
     assert "normalisation: federation statistics of 400 rows from 3 sites" in report
@@ -220,15 +227,7 @@ def test_secure_statistics_of_sites_with_their_own_tables_equal_the_pooled_ones(
         data["task"]["options"]["kind"] = "regression"
         del data["task"]["options"]["classes"]
     experiment.write_text(yaml.safe_dump(data), encoding="utf-8")
-    key = save_key(generate_key(7), tmp_path / "federation.key")
-    nodes = [
-        {"site-id": i, "data-dir": str(folder), "key-file": str(key)}
-        for i, folder in enumerate(_hospitals(study, 3))
-    ]
-    config = server_run_config(experiment, tmp_path / "out")
-    serve(LocalGrid(client_app.app, nodes, config), config)
-    checkpoint = RunStore(tmp_path / "out" / protocol.MODE_ENCRYPTED).load_latest()
-    assert checkpoint is not None and checkpoint.server_round == 2
+    checkpoint = _run_hospitals(study, experiment, tmp_path)
     summary = _secure_statistics(tmp_path / "out")
     report = (tmp_path / "out" / "report.md").read_text()
     assert "normalisation: federation statistics of 400 rows from 3 sites (securely summed" in (

@@ -28,11 +28,10 @@ import numpy as np
 import pydicom
 import torch
 import torch.nn.functional as F
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pydicom.uid import (
     EnhancedXAImageStorage,
-    ExplicitVRLittleEndian,
     XRayAngiographicImageStorage,
     generate_uid,
 )
@@ -40,7 +39,13 @@ from pydicom.uid import (
 from federation.atomic import atomic_write
 from federation.tasks.angio.render import AngioSet, generate, normalize_image
 from federation.tasks.angio.views import ARTERIES, VIEW_BOXES, VIEW_CLASSES, view_class
-from federation.tasks.dicom_files import FRAME_CHOICES, open_dicom, read_pixels, select_frame
+from federation.tasks.dicom_files import (
+    FRAME_CHOICES,
+    grayscale_dataset,
+    open_dicom,
+    read_pixels,
+    select_frame,
+)
 
 XA_SOP_CLASSES = (XRayAngiographicImageStorage, EnhancedXAImageStorage)
 _BITS = 12  # stored bits of written images (typical of XA detectors)
@@ -90,18 +95,16 @@ def write_xa(
     series_uid = series_uid or generate_uid(entropy_srcs=[study_uid, str(instance_number)])
     sop_uid = generate_uid(entropy_srcs=[series_uid, str(instance_number), "image"])
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = XRayAngiographicImageStorage
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = XRayAngiographicImageStorage
-    ds.SOPInstanceUID = sop_uid
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.Modality = "XA"
-    ds.PatientID = patient_id
+    ds = grayscale_dataset(
+        stored,
+        sop_class=XRayAngiographicImageStorage,
+        sop_uid=sop_uid,
+        modality="XA",
+        patient_id=patient_id,
+        study_uid=study_uid,
+        series_uid=series_uid,
+        bits_stored=_BITS if np.issubdtype(frames.dtype, np.floating) else 16,
+    )
     ds.PatientName = patient_id
     ds.StudyID = "1"
     ds.SeriesNumber = instance_number
@@ -121,18 +124,9 @@ def write_xa(
     ds.ImagerPixelSpacing = [f"{pixel_spacing:.6g}", f"{pixel_spacing:.6g}"]
     iso = pixel_spacing * sod / sid  # spacing at the isocentre (magnification removed)
     ds.PixelSpacing = [f"{iso:.6g}", f"{iso:.6g}"]
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = stored.shape[-2:]
-    ds.BitsAllocated = 16
-    ds.BitsStored = _BITS if np.issubdtype(frames.dtype, np.floating) else 16
-    ds.HighBit = ds.BitsStored - 1
-    ds.PixelRepresentation = 0
     if stored.ndim == 3:
-        ds.NumberOfFrames = stored.shape[0]
         ds.FrameTime = "66.7"
         ds.FrameIncrementPointer = Tag("FrameTime")
-    ds.PixelData = stored.astype("<u2").tobytes()
 
     return atomic_write(path, lambda fh: ds.save_as(fh, enforce_file_format=True))
 
