@@ -96,7 +96,7 @@ class EncryptedFedAvg(FedAvg):
         num_sites: int,
         min_sites: int,
         fingerprint: str | None = None,
-        join_timeout: float = 60.0,
+        join_timeout: float = float(protocol.RUN_DEFAULTS[protocol.RUN_JOIN_TIMEOUT]),
         counters: Collection[str] = (),
     ) -> None:
         super().__init__(
