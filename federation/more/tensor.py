@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
 
 from federation.more import elementwise as ew
 from federation.more.elementwise import ElementFn, FnPair
@@ -43,9 +44,83 @@ def _eye(like: torch.Tensor) -> torch.Tensor:
     return torch.eye(2, dtype=like.dtype, device=like.device)
 
 
+def _products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` block by block; equal contiguous shapes go to one ``bmm`` on views (no
+    copy), anything else through ``torch.matmul``'s broadcasting."""
+    if a.shape == b.shape and a.is_contiguous() and b.is_contiguous():
+        return torch.bmm(a.reshape(-1, 2, 2), b.reshape(-1, 2, 2)).reshape(a.shape)
+    return torch.matmul(a, b)
+
+
+class _BlockProduct(torch.autograd.Function):
+    """Batched 2x2 products with broadcasting, saving the operands as given.
+
+    Through ``torch.matmul`` autograd saves the reshaped copies matmul makes for its batched
+    product (a broadcast operand, say a per-channel scale, at the full batch size): 4
+    numbers per value for each. Here the operands are saved as given and the backward pass
+    sums each gradient back to its operand's shape, so a step holds only what it was given.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a, b)
+        return _products(a, b)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        a, b = ctx.saved_tensors
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_a = _products(grad, b.mT.contiguous()).sum_to_size(a.shape)
+        if ctx.needs_input_grad[1]:
+            grad_b = _products(a.mT.contiguous(), grad).sum_to_size(b.shape)
+        return grad_a, grad_b
+
+
+class _AvgPool2d(torch.autograd.Function):
+    """``F.avg_pool2d`` of the entry planes. Its gradient needs only the input's shape, but
+    torch's own rule saves the whole input (4 numbers per value here): this saves none."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        planes: torch.Tensor,
+        kernel: tuple[int, int],
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+    ) -> torch.Tensor:
+        ctx.shape, ctx.options = planes.shape, (kernel, stride, padding)
+        return F.avg_pool2d(planes, kernel, stride, padding)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        kernel, stride, padding = ctx.options
+        shaped = grad.new_empty(ctx.shape)  # only its shape is read
+        grad_in = torch.ops.aten.avg_pool2d_backward(
+            grad, shaped, kernel, stride, padding, False, True, None
+        )
+        return grad_in, None, None, None
+
+
+class _AdaptiveAvgPool2d(torch.autograd.Function):
+    """``F.adaptive_avg_pool2d`` of the entry planes, saving no input (as above)."""
+
+    @staticmethod
+    def forward(ctx: Any, planes: torch.Tensor, output_size: Any) -> torch.Tensor:
+        ctx.shape = planes.shape
+        return F.adaptive_avg_pool2d(planes, output_size)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        shaped = grad.new_empty(ctx.shape)  # only its shape is read
+        return torch.ops.aten._adaptive_avg_pool2d_backward(grad.contiguous(), shaped), None
+
+
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Batched 2x2 products: the element-wise ciphertext product."""
-    return torch.matmul(a, b)
+    if not (a.requires_grad or b.requires_grad):
+        return _products(a, b)
+    return _BlockProduct.apply(a, b)
 
 
 def _inv(c: torch.Tensor) -> torch.Tensor:
@@ -598,13 +673,18 @@ class EncryptedTensor:
     ) -> EncryptedTensor:
         """Average pooling: a plaintext linear map, applied to each matrix entry."""
         self._spatial(2, "avg_pool2d")
-        return self._from_planes(F.avg_pool2d(self._planes(2), kernel_size, stride, padding), 2)
+
+        kernel = _pair(kernel_size)
+        steps = kernel if stride is None else _pair(stride)
+        planes = _AvgPool2d.apply(self._planes(2), kernel, steps, _pair(padding))
+        return self._from_planes(planes, 2)
 
     def adaptive_avg_pool2d(
         self, output_size: int | tuple[int | None, int | None]
     ) -> EncryptedTensor:
         self._spatial(2, "adaptive_avg_pool2d")
-        return self._from_planes(F.adaptive_avg_pool2d(self._planes(2), output_size), 2)
+
+        return self._from_planes(_AdaptiveAvgPool2d.apply(self._planes(2), output_size), 2)
 
     def pad(
         self, pad: Sequence[int], mode: str = "constant", value: float = 0.0
