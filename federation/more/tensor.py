@@ -44,36 +44,26 @@ def _eye(like: torch.Tensor) -> torch.Tensor:
     return torch.eye(2, dtype=like.dtype, device=like.device)
 
 
-def _products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` block by block; equal contiguous shapes go to one ``bmm`` on views (no
-    copy), anything else through ``torch.matmul``'s broadcasting."""
-    if a.shape == b.shape and a.is_contiguous() and b.is_contiguous():
-        return torch.bmm(a.reshape(-1, 2, 2), b.reshape(-1, 2, 2)).reshape(a.shape)
-    return torch.matmul(a, b)
+class _BroadcastProduct(torch.autograd.Function):
+    """Batched 2x2 products where one operand broadcasts (a per-channel scale, say).
 
-
-class _BlockProduct(torch.autograd.Function):
-    """Batched 2x2 products with broadcasting, saving the operands as given.
-
-    Through ``torch.matmul`` autograd saves the reshaped copies matmul makes for its batched
-    product (a broadcast operand, say a per-channel scale, at the full batch size): 4
-    numbers per value for each. Here the operands are saved as given and the backward pass
-    sums each gradient back to its operand's shape, so a step holds only what it was given.
-    """
+    Through ``torch.matmul`` autograd saves the broadcast operand expanded to the full batch
+    size: 4 numbers per value for every scaling in a batch norm. Here both operands are saved
+    as given and each gradient is summed back to its operand's shape."""
 
     @staticmethod
     def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(a, b)
-        return _products(a, b)
+        return torch.matmul(a, b)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         a, b = ctx.saved_tensors
         grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_a = _products(grad, b.mT.contiguous()).sum_to_size(a.shape)
+            grad_a = torch.matmul(grad, b.mT).sum_to_size(a.shape)
         if ctx.needs_input_grad[1]:
-            grad_b = _products(a.mT.contiguous(), grad).sum_to_size(b.shape)
+            grad_b = torch.matmul(a.mT, grad).sum_to_size(b.shape)
         return grad_a, grad_b
 
 
@@ -117,10 +107,11 @@ class _AdaptiveAvgPool2d(torch.autograd.Function):
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Batched 2x2 products: the element-wise ciphertext product."""
-    if not (a.requires_grad or b.requires_grad):
-        return _products(a, b)
-    return _BlockProduct.apply(a, b)
+    """Batched 2x2 products: the element-wise ciphertext product. Equal shapes go to
+    ``torch.matmul`` (contiguous operands reshape to views, so autograd saves no copy)."""
+    if a.shape == b.shape or not (a.requires_grad or b.requires_grad):
+        return torch.matmul(a, b)
+    return _BroadcastProduct.apply(a, b)
 
 
 def _inv(c: torch.Tensor) -> torch.Tensor:
@@ -613,7 +604,9 @@ class EncryptedTensor:
         x2 = x.permute(0, n + 2, 1, n + 3, *space).reshape(2 * b, 2 * c, *spatial)
         w2 = w.permute(0, n + 3, 1, n + 2, *space).reshape(2 * o, 2 * ci, *kernel)
         y = (F.conv1d if n == 1 else F.conv2d)(x2, w2, **options)
+        # contiguous: what follows (element-wise, batch norm, products) then runs on views
         y = y.reshape(b, 2, o, 2, *y.shape[2:]).permute(0, 2, *(d + 2 for d in space), 1, 3)
+        y = y.contiguous()
         if bias is not None:
             fp = join_fingerprints(fp, bias.fingerprint)
             y = y + bias.entries.reshape(o, *(1,) * n, 2, 2)
