@@ -7,6 +7,7 @@ key before replying, and evaluates by encrypted inference, decrypting only predi
 
 from __future__ import annotations
 
+import functools
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -131,7 +132,10 @@ class Site(ABC):
             config, site_id, key, deployed=deployed, own_data=own_data, cache_dir=cache_dir
         )
 
-    def _raw(self) -> TaskData:
+    @functools.cached_property
+    def _raw_data(self) -> TaskData:
+        """The site's data before federation statistics, read once: the statistics query,
+        every secure statistics pass and the normalisation all start from it."""
         if self.own_data:
             return load_raw_data(self.config)
         return site_data(self.config, self.site_id, raw=True)
@@ -139,12 +143,12 @@ class Site(ABC):
     def statistics(self) -> dict[str, np.ndarray]:
         """This site's contribution to the federation statistics (counts, sums, sums of
         squares, min and max per feature of its raw data); only these numbers leave."""
-        return data_stats(self._raw()).to_dict()
+        return data_stats(self._raw_data).to_dict()
 
     def statistics_values(self) -> SiteValues:
         """This site's raw values for the secure statistics passes (they never leave as
         such: only each pass's bounded vector, masked)."""
-        return SiteValues.of(self._raw())
+        return SiteValues.of(self._raw_data)
 
     def statistics_pass(self, name: str, parameters: str) -> tuple[dict[str, np.ndarray], int]:
         """This site's vectors of secure statistics pass ``name`` given its public
@@ -163,7 +167,7 @@ class Site(ABC):
         if statistics == self._statistics:
             return
         arrays = {k: np.asarray(v) for k, v in json.loads(statistics).items()}
-        self.data = with_statistics(self.config, self._raw(), DataStats.from_dict(arrays))
+        self.data = with_statistics(self.config, self._raw_data, DataStats.from_dict(arrays))
         self._statistics = statistics
 
     @property

@@ -125,7 +125,7 @@ def test_a_fresh_site_loads_the_same_ciphertexts_without_encrypting(
 
 def _statistics(sites: list[EncryptedSite]) -> str:
     """The federation statistics of ``sites`` as the aggregator sends them (JSON)."""
-    total = sum((data_stats(s._raw()) for s in sites[1:]), data_stats(sites[0]._raw()))
+    total = sum((data_stats(s._raw_data) for s in sites[1:]), data_stats(sites[0]._raw_data))
     return json.dumps({k: np.asarray(v).tolist() for k, v in total.to_dict().items()})
 
 

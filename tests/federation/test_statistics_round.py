@@ -238,7 +238,7 @@ def test_secure_statistics_of_sites_with_their_own_tables_equal_the_pooled_ones(
     ]
     assert sorted(s.site_id for s in sites) == [0, 1, 2]
     # The pooled table, in numpy: every site's raw rows, and its own training targets.
-    raws = [s._raw() for s in sites]
+    raws = [s._raw_data for s in sites]
     x = torch.cat([t for r in raws for t in (r.x_train, r.x_test)]).double().numpy()
     pooled = {"features": (np.nanmean(x, axis=0), np.nanstd(x, axis=0))}
     assert len(x) == summary["rows"] == 400

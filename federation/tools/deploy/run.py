@@ -25,7 +25,7 @@ from federation.config import (
     load_deployment,
     load_experiment,
 )
-from federation.more.keys import generate_key, load_key, save_key
+from federation.more.keys import generate_key, save_key
 from federation.tools.deploy import DeployError
 from federation.tools.deploy.commands import (
     CONNECTION,
@@ -219,11 +219,12 @@ def _ensure_keys(
     starts; the deployment's shared key is made here when it asks to be (``key.generate``)
     and is missing."""
     if dep.generate_key and dep.key_file is not None and not dep.key_file.exists():
+        key = generate_key()
         try:
-            save_key(generate_key(), dep.key_file, parents=True)
+            save_key(key, dep.key_file, parents=True)
         except OSError as exc:
             raise DeployError(f"cannot write the federation key {dep.key_file}: {exc}") from None
-        echo(f"made the federation key {dep.key_file} ({load_key(dep.key_file).fingerprint})")
+        echo(f"made the federation key {dep.key_file} ({key.fingerprint})")
     if not experiment.federation.encrypted:
         return
     for site in dep.sites:
