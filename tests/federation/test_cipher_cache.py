@@ -10,14 +10,12 @@ import logging
 import stat
 from collections.abc import Callable
 from pathlib import Path
-from uuid import uuid4
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import MessageType
 
 from federation import ciphercache, experiment, protocol
 from federation.aggregation import initial_arrays
@@ -28,7 +26,7 @@ from federation.more.keys import MoreKey, save_key
 from federation.site import EncryptedSite
 from federation.tasks.stats import data_stats
 from sites import client_app
-from tests.flower.flower_grid import SIMULATED, over_the_wire, server_run_config
+from tests.flower.flower_grid import SIMULATED, site_context, site_message
 from tests.paths import ROOT
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -282,31 +280,6 @@ def test_the_cache_folder_setting(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     assert ciphercache.cache_dir(str(tmp_path / "node")) == tmp_path / "node"
 
 
-def _message(experiment_file: Path) -> Message:
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    arrays = initial_arrays(load_experiment(experiment_file))
-    settings = {protocol.SERVER_ROUND: 1, protocol.MODE: protocol.MODE_ENCRYPTED}
-    content = RecordDict(
-        {
-            protocol.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-            protocol.CONFIG: ConfigRecord(settings),
-        }
-    )
-    msg = Message(content, dst_node_id=7, message_type=MessageType.EVALUATE)
-    msg.metadata.__dict__["_message_id"] = uuid4().hex
-    return over_the_wire(msg)
-
-
-def _context(experiment_file: Path, node_config: dict) -> Context:
-    return Context(
-        run_id=1,
-        node_id=7,
-        node_config=node_config,
-        state=RecordDict(),
-        run_config=server_run_config(experiment_file, experiment_file.parent),
-    )
-
-
 def test_a_deployed_clientapp_process_reuses_its_node_cache_and_a_simulated_one_writes_none(
     experiment_file: Path,
     key: MoreKey,
@@ -319,13 +292,20 @@ def test_a_deployed_clientapp_process_reuses_its_node_cache_and_a_simulated_one_
     node = {"site-id": 0, "key-file": str(key_file), "cache-dir": str(cache)}
     monkeypatch.setattr(client_app, "_SITES", {})
     before = set(cipher_cache.rglob("*"))
-    reply = client_app.app(_message(experiment_file), _context(experiment_file, node))
+    reply = client_app.app(
+        site_message(experiment_file, MessageType.EVALUATE), site_context(experiment_file, node)
+    )
     assert not reply.has_error(), reply.error
     assert _only_file(cache).name == "wbc-cache-site0-os-random.npz"
-    simulated = client_app.app(_message(experiment_file), _context(experiment_file, SIMULATED[0]))
+    simulated = client_app.app(
+        site_message(experiment_file, MessageType.EVALUATE),
+        site_context(experiment_file, SIMULATED[0]),
+    )
     assert not simulated.has_error() and set(cipher_cache.rglob("*")) == before
     monkeypatch.setattr(client_app, "_SITES", {})  # a fresh ClientApp process
     _no_encryption(monkeypatch)
-    again = client_app.app(_message(experiment_file), _context(experiment_file, node))
+    again = client_app.app(
+        site_message(experiment_file, MessageType.EVALUATE), site_context(experiment_file, node)
+    )
     assert not again.has_error(), again.error
     assert again.content[protocol.METRICS] == reply.content[protocol.METRICS]

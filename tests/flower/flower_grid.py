@@ -15,7 +15,16 @@ from pathlib import Path
 from uuid import uuid4
 
 import numpy as np
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MessageType,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
@@ -26,7 +35,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from aggregator.server_app import main
 from federation import protocol
-from federation.aggregation import Checkpoint, RunStore
+from federation.aggregation import Checkpoint, RunStore, initial_arrays
+from federation.config import load_experiment
 from federation.more.keys import generate_key
 
 SIMULATED = [{"partition-id": i, "num-partitions": 3} for i in range(3)]
@@ -178,3 +188,31 @@ def assert_decrypts_to_plaintext(
     for name, value in plaintext.arrays.items():
         np.testing.assert_allclose(decrypted[name], value, rtol=0, atol=atol, err_msg=name)
     return encrypted, plaintext
+
+
+def site_message(experiment: Path, kind: str = MessageType.TRAIN, **config: object) -> Message:
+    """A round-1 message to one ClientApp, as the wire delivers it: the experiment's initial
+    encrypted model and the round's config (``config`` adds or overrides entries)."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    arrays = initial_arrays(load_experiment(experiment))
+    settings = {protocol.SERVER_ROUND: 1, protocol.MODE: protocol.MODE_ENCRYPTED, **config}
+    content = RecordDict(
+        {
+            protocol.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            protocol.CONFIG: ConfigRecord(settings),
+        }
+    )
+    msg = Message(content, dst_node_id=7, message_type=kind)
+    msg.metadata.__dict__["_message_id"] = uuid4().hex
+    return over_the_wire(msg)
+
+
+def site_context(experiment: Path, node_config: dict) -> Context:
+    """The ClientApp context of node 7 running ``experiment`` with ``node_config``."""
+    return Context(
+        run_id=1,
+        node_id=7,
+        node_config=node_config,
+        state=RecordDict(),
+        run_config=server_run_config(experiment, experiment.parent),
+    )

@@ -9,26 +9,21 @@ mid-round, a corrupted update, a key mismatch, too few sites and an aggregator r
 from __future__ import annotations
 
 from pathlib import Path
-from uuid import uuid4
 
 import numpy as np
 import pytest
 import yaml
 from flwr.app import (
     Array,
-    ArrayRecord,
-    ConfigRecord,
     Context,
     Message,
     MessageType,
-    RecordDict,
 )
 from flwr.clientapp import ClientApp
-from flwr.supercore.task_identity import TaskIdentity
 
 from aggregator.server_app import RunFailed
 from federation import protocol
-from federation.aggregation import RunStore, expected_shapes, initial_arrays
+from federation.aggregation import RunStore, expected_shapes
 from federation.config import load_experiment
 from federation.more.keys import generate_key, save_key
 from sites import client_app
@@ -39,6 +34,8 @@ from tests.flower.flower_grid import (
     over_the_wire,
     serve,
     server_run_config,
+    site_context,
+    site_message,
 )
 
 TINY = {
@@ -59,36 +56,11 @@ def experiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _message(experiment: Path, kind: str = MessageType.TRAIN, **config: object) -> Message:
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    arrays = initial_arrays(load_experiment(experiment))
-    settings = {protocol.SERVER_ROUND: 1, protocol.MODE: protocol.MODE_ENCRYPTED, **config}
-    content = RecordDict(
-        {
-            protocol.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-            protocol.CONFIG: ConfigRecord(settings),
-        }
-    )
-    msg = Message(content, dst_node_id=7, message_type=kind)
-    msg.metadata.__dict__["_message_id"] = uuid4().hex
-    return over_the_wire(msg)
-
-
-def _context(experiment: Path, node_config: dict) -> Context:
-    return Context(
-        run_id=1,
-        node_id=7,
-        node_config=node_config,
-        state=RecordDict(),
-        run_config=server_run_config(experiment, experiment.parent),
-    )
-
-
 # --- the ClientApp ----------------------------------------------------------------------
 
 
 def test_train_reply_carries_the_update_its_size_and_the_key_fingerprint(experiment: Path) -> None:
-    reply = client_app.app(_message(experiment), _context(experiment, SIMULATED[0]))
+    reply = client_app.app(site_message(experiment), site_context(experiment, SIMULATED[0]))
     assert not reply.has_error()
     reply = over_the_wire(reply)
     config = load_experiment(experiment)
@@ -103,8 +75,8 @@ def test_train_reply_carries_the_update_its_size_and_the_key_fingerprint(experim
 
 
 def test_evaluate_reply_carries_metrics_only(experiment: Path) -> None:
-    msg = _message(experiment, MessageType.EVALUATE)
-    reply = over_the_wire(client_app.app(msg, _context(experiment, SIMULATED[1])))
+    msg = site_message(experiment, MessageType.EVALUATE)
+    reply = over_the_wire(client_app.app(msg, site_context(experiment, SIMULATED[1])))
     assert not reply.has_error() and protocol.ARRAYS not in reply.content
     metrics = reply.content[protocol.METRICS]
     assert metrics[protocol.NUM_EXAMPLES] > 0 and {"loss", "r2_mean"} <= set(metrics)
@@ -131,7 +103,9 @@ def test_a_site_that_cannot_work_replies_with_an_error(
 ) -> None:
     if node_config.get("key-file") == "<own key>":  # a deployed site needs a key file
         node_config = {**node_config, "key-file": str(save_key(generate_key(5), tmp_path / "k"))}
-    reply = client_app.app(_message(experiment, **config), _context(experiment, node_config))
+    reply = client_app.app(
+        site_message(experiment, **config), site_context(experiment, node_config)
+    )
     assert reply.has_error() and not reply.has_content()
     assert reason in reply.error.reason
 
@@ -144,7 +118,7 @@ def test_a_site_error_in_training_is_an_error_reply_never_an_update(
     strict = dict(TINY, encryption={"key_seed": 1234, "health_limit": 1e-6})
     path = tmp_path / "strict.yaml"
     path.write_text(yaml.safe_dump(strict), encoding="utf-8")
-    reply = client_app.app(_message(path), _context(path, SIMULATED[2]))
+    reply = client_app.app(site_message(path), site_context(path, SIMULATED[2]))
     assert reply.has_error()
     assert reply.error.reason.startswith("site 2: ")
 
@@ -152,7 +126,7 @@ def test_a_site_error_in_training_is_an_error_reply_never_an_update(
 def test_a_deployed_site_uses_its_own_key_file(experiment: Path, tmp_path: Path) -> None:
     other = save_key(generate_key(7), tmp_path / "other.key")
     reply = client_app.app(
-        _message(experiment), _context(experiment, {"site-id": 1, "key-file": str(other)})
+        site_message(experiment), site_context(experiment, {"site-id": 1, "key-file": str(other)})
     )
     assert reply.content[protocol.SITE][protocol.FINGERPRINT] == generate_key(7).fingerprint
 
