@@ -18,7 +18,7 @@ import numpy as np
 
 from federation.atomic import atomic_write_bytes
 from federation.config import ExperimentConfig
-from federation.experiment import dtype_of, initial_model, make_optimizer, train_centralised
+from federation.experiment import dtype_of, initial_model, session_config, train_centralised
 from federation.nn.convert import to_encrypted
 from federation.nn.optim import optimizer_arrays
 from federation.protocol import Mode
@@ -43,7 +43,7 @@ def initial_arrays(config: ExperimentConfig, mode: Mode | None = None) -> dict[s
         model = to_encrypted(model, None, dtype=dtype_of(config))
     state = dict(model.state_dict())
     if config.training.keep_optimizer_state:
-        optimizer = make_optimizer(config, model, encrypted=encrypted)
+        optimizer = session_config(config).build_optimizer(model, encrypted=encrypted)
         state.update(optimizer_arrays(optimizer, model))
     return {k: v.detach().numpy().copy() for k, v in state.items()}
 

@@ -68,13 +68,6 @@ def session_config(
     )
 
 
-def make_optimizer(
-    config: ExperimentConfig, model: nn.Module, *, encrypted: bool
-) -> torch.optim.Optimizer:
-    """The experiment's optimiser: torch's over a plain model, its twin over an encrypted one."""
-    return session_config(config).build_optimizer(model, encrypted=encrypted)
-
-
 def task_of(config: ExperimentConfig) -> ModuleType:
     """The experiment's task module (built-in, or the study's own ``task.module``)."""
     module = config.task.module
